@@ -1,0 +1,128 @@
+"""Application errors with stable codes, and the one DRF exception handler that
+turns every error into {"error": {"code", "message", "fields"?}}."""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404
+from rest_framework import exceptions as drf
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ApplicationError(Exception):
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        if status:
+            self.status = status
+        self.extra = extra or {}
+
+
+class UnknownUser(ApplicationError):
+    status, code = 404, "unknown_user"
+
+
+class UnknownOperationType(ApplicationError):
+    status, code = 400, "unknown_operation_type"
+
+
+class UnknownProvider(ApplicationError):
+    status, code = 400, "unknown_provider"
+
+
+class TokenCapExceeded(ApplicationError):
+    status, code = 402, "token_cap_exceeded"
+
+
+class OperationIdConflict(ApplicationError):
+    status, code = 409, "operation_id_conflict"
+
+
+class ReservationNotFound(ApplicationError):
+    status, code = 404, "reservation_not_found"
+
+
+class ReservationExpired(ApplicationError):
+    status, code = 409, "reservation_expired"
+
+
+class NoAllowance(ApplicationError):
+    status, code = 402, "no_allowance"
+
+
+def error_body(code: str, message: str, fields: dict[str, Any] | None = None,
+               extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if fields:
+        error["fields"] = fields
+    if extra:
+        error.update(extra)
+    return {"error": error}
+
+
+def _flatten(detail: Any) -> Any:
+    if isinstance(detail, dict):
+        return {k: _flatten(v) for k, v in detail.items()}
+    if isinstance(detail, list):
+        if all(isinstance(d, str) for d in detail):
+            return [str(d) for d in detail]
+        return [_flatten(d) for d in detail]
+    return str(detail)
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, ApplicationError):
+        return Response(error_body(exc.code, exc.message, extra=exc.extra), status=exc.status)
+    if isinstance(exc, DjangoValidationError):
+        fields = exc.message_dict if hasattr(exc, "error_dict") else {"nonFieldErrors": exc.messages}
+        return Response(error_body("invalid_request", "Invalid input.", fields), status=400)
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        logger.exception("database unavailable")
+        response = Response(error_body("service_unavailable", "The database is unavailable; retry shortly."),
+                            status=503)
+        response["Retry-After"] = "1"
+        return response
+    if isinstance(exc, Http404):
+        exc = drf.NotFound()
+    elif isinstance(exc, DjangoPermissionDenied):
+        exc = drf.PermissionDenied()
+
+    from rest_framework.views import exception_handler as drf_exception_handler  # avoids an import cycle
+
+    response = drf_exception_handler(exc, context)
+    if response is None:
+        if isinstance(exc, DatabaseError):
+            logger.exception("database error")
+        return None
+    codes = {
+        drf.ValidationError: "invalid_request",
+        drf.ParseError: "malformed_json",
+        drf.NotAuthenticated: "not_authenticated",
+        drf.AuthenticationFailed: "authentication_failed",
+        drf.PermissionDenied: "permission_denied",
+        drf.NotFound: "not_found",
+        drf.MethodNotAllowed: "method_not_allowed",
+        drf.UnsupportedMediaType: "unsupported_media_type",
+        drf.Throttled: "rate_limited",
+        drf.NotAcceptable: "not_acceptable",
+    }
+    code = next((c for cls, c in codes.items() if isinstance(exc, cls)), "error")
+    if isinstance(exc, drf.ValidationError):
+        detail = exc.detail
+        fields = _flatten(detail) if isinstance(detail, dict) else {"nonFieldErrors": _flatten(detail)}
+        response.data = error_body(code, "Invalid input.", fields)
+    else:
+        response.data = error_body(code, str(exc.detail) if hasattr(exc, "detail") else str(exc))
+    return response

@@ -1,0 +1,335 @@
+"""The service API: thin views that validate, call one service, and answer."""
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.utils.dateparse import parse_date, parse_datetime
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers, status
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.pagination import CursorPagination
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from consensus_tokens.auth import CanConsume, CanReadFor, ServicePrincipal
+from consensus_tokens.errors import ApplicationError
+
+from . import selectors, services
+from .services import ConsumeRequest, RequestContext
+
+
+def request_context(request: Request) -> RequestContext:
+    principal = request.user
+    return RequestContext(
+        service_key_id=principal.key.pk if isinstance(principal, ServicePrincipal) else None,
+        client_ip=request.META.get("REMOTE_ADDR") or None,
+        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        request_id=getattr(request._request, "request_id", ""),
+        actor="" if isinstance(principal, ServicePrincipal) else str(principal),
+    )
+
+
+def user_id_for(request: Request, user_id: int | None) -> int:
+    """Services name the user; a signed-in user may only ask about themselves."""
+    principal = request.user
+    if isinstance(principal, ServicePrincipal):
+        if user_id is None:
+            raise ApplicationError("userId is required.", code="invalid_request", extra={"fields": {"userId": ["This field is required."]}})
+        return user_id
+    if user_id is not None and user_id != principal.pk:
+        raise PermissionDenied("You can only see your own usage.")
+    return principal.pk
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """Rejects booleans, floats with fractions and numeric strings, which DRF would coerce."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictTokens(StrictIntegerField):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", settings.MAX_TOKENS_PER_REQUEST)
+        super().__init__(**kwargs)
+
+
+class UserIdField(StrictIntegerField):
+    def __init__(self, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", 2**63 - 1)
+        super().__init__(**kwargs)
+
+
+class UsageOutput(serializers.Serializer):
+    tier = serializers.CharField(allow_null=True)
+    limit = serializers.IntegerField()
+    used = serializers.IntegerField()
+    reserved = serializers.IntegerField()
+    remaining = serializers.IntegerField()
+    available = serializers.IntegerField()
+    usagePercentage = serializers.FloatField()
+    status = serializers.ChoiceField(choices=["low", "moderate", "warning", "critical", "exceeded"])
+    cap = serializers.IntegerField()
+    overage = inline_serializer("Overage", {"tokens": serializers.IntegerField(), "charge": serializers.CharField()})
+    periodStart = serializers.DateTimeField()
+    periodEnd = serializers.DateTimeField()
+
+
+class ErrorOutput(serializers.Serializer):
+    error = inline_serializer("ErrorBody", {
+        "code": serializers.CharField(), "message": serializers.CharField(),
+        "fields": serializers.DictField(required=False)})
+
+
+ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 429: ErrorOutput}
+
+
+class EstimateApi(APIView):
+    permission_classes = [CanReadFor]
+
+    class InputSerializer(serializers.Serializer):
+        userId = UserIdField(required=False)
+        operationType = serializers.CharField(max_length=40)
+        provider = serializers.CharField(max_length=40, default="openai")
+        model = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+        topic = serializers.CharField(allow_blank=True, max_length=2_000_000, trim_whitespace=False)
+        sources = serializers.ListField(child=serializers.CharField(allow_blank=True, max_length=2_000_000,
+                                                                    trim_whitespace=False),
+                                        required=False, default=list, max_length=1000)
+
+    class OutputSerializer(serializers.Serializer):
+        tokens = serializers.IntegerField()
+        breakdown = inline_serializer("EstimateBreakdown", {"base": serializers.IntegerField(),
+                                                            "content": serializers.IntegerField()})
+        provider = serializers.CharField()
+        encoding = serializers.CharField()
+        method = serializers.CharField()
+        cached = serializers.BooleanField()
+
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
+    def post(self, request: Request) -> Response:
+        data = _valid(self.InputSerializer, request)
+        user_id = user_id_for(request, data.get("userId"))
+        services.account_for_user(user_id=user_id)
+        result = services.tokens_estimate(operation_type=data["operationType"], provider=data["provider"],
+                                          model=data["model"] or None, topic=data["topic"], sources=data["sources"])
+        services.audit_record(ctx=request_context(request), user_id=user_id, action="estimate", result="estimated",
+                              tokens=result["tokens"], operation_type=data["operationType"])
+        return Response(result)
+
+
+class CheckApi(APIView):
+    permission_classes = [CanReadFor]
+
+    class InputSerializer(serializers.Serializer):
+        userId = UserIdField(required=False)
+        tokens = StrictTokens()
+        operationType = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+        reserve = serializers.BooleanField(required=False, default=False)
+        operationId = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+        ttlSeconds = StrictIntegerField(required=False, min_value=1, max_value=24 * 3600)
+
+    class OutputSerializer(serializers.Serializer):
+        sufficient = serializers.BooleanField()
+        available = serializers.IntegerField()
+        overage = serializers.IntegerField()
+        cap = serializers.IntegerField()
+        reservationId = serializers.UUIDField(required=False)
+        expiresAt = serializers.DateTimeField(required=False)
+
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
+    def post(self, request: Request) -> Response:
+        data = _valid(self.InputSerializer, request)
+        if data["reserve"] and not CanConsume().has_permission(request, self):
+            raise PermissionDenied(CanConsume.message)
+        user_id = user_id_for(request, data.get("userId"))
+        result = services.usage_check(user_id=user_id, tokens=data["tokens"], ctx=request_context(request),
+                                      operation_type=data["operationType"], reserve=data["reserve"],
+                                      operation_id=data["operationId"], ttl_seconds=data.get("ttlSeconds"))
+        body: dict[str, Any] = {"sufficient": result.sufficient, "available": result.available,
+                                "overage": result.overage, "cap": result.cap}
+        if result.reservation is not None:
+            body["reservationId"] = str(result.reservation.pk)
+            body["expiresAt"] = result.reservation.expires_at.isoformat().replace("+00:00", "Z")
+        return Response(body)
+
+
+class ConsumeInput(serializers.Serializer):
+    userId = UserIdField()
+    operationId = serializers.CharField(max_length=200)
+    tokens = StrictTokens()
+    operationType = serializers.CharField(max_length=40)
+    provider = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
+    model = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    reservationId = serializers.UUIDField(required=False, allow_null=True, default=None)
+    estimatedTokens = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0,
+                                         max_value=settings.MAX_TOKENS_PER_REQUEST)
+
+    def to_request(self, data: dict[str, Any]) -> ConsumeRequest:
+        return ConsumeRequest(user_id=data["userId"], operation_id=data["operationId"], tokens=data["tokens"],
+                              operation_type=data["operationType"], provider=data["provider"], model=data["model"],
+                              reservation_id=str(data["reservationId"]) if data["reservationId"] else "",
+                              estimated_tokens=data["estimatedTokens"])
+
+
+class ConsumeOutput(serializers.Serializer):
+    operationId = serializers.CharField()
+    entryId = serializers.IntegerField()
+    tokens = serializers.IntegerField()
+    recordedAt = serializers.DateTimeField()
+    usage = UsageOutput()
+
+
+class ConsumeApi(APIView):
+    permission_classes = [CanConsume]
+
+    @extend_schema(request=ConsumeInput, responses={200: ConsumeOutput, 201: ConsumeOutput, 402: ErrorOutput,
+                                                    409: ErrorOutput, **ERRORS})
+    def post(self, request: Request) -> Response:
+        data = _valid(ConsumeInput, request)
+        consume = ConsumeInput().to_request(data)
+        ctx = request_context(request)
+        try:
+            result = services.usage_consume(request=consume, ctx=ctx)
+        except ApplicationError as error:
+            if error.code not in ("operation_id_conflict", "unknown_user"):
+                services.consume_refused(request=consume, ctx=ctx, error=error)
+            raise
+        response = Response(result.body, status=status.HTTP_200_OK if result.replayed else status.HTTP_201_CREATED)
+        if result.replayed:
+            response["Idempotent-Replayed"] = "true"
+        return response
+
+
+class BatchConsumeApi(APIView):
+    permission_classes = [CanConsume]
+
+    class InputSerializer(serializers.Serializer):
+        operations = ConsumeInput(many=True, allow_empty=False, max_length=services.MAX_BATCH)
+
+    class OutputSerializer(serializers.Serializer):
+        recorded = serializers.IntegerField()
+        replayed = serializers.IntegerField()
+        results = inline_serializer("BatchItem", {
+            "index": serializers.IntegerField(), "result": serializers.ChoiceField(choices=["recorded", "replayed"]),
+            "operationId": serializers.CharField(), "userId": serializers.IntegerField(),
+            "entryId": serializers.IntegerField(), "usage": UsageOutput()}, many=True)
+
+    @extend_schema(request=InputSerializer, responses={201: OutputSerializer, 402: ErrorOutput, 409: ErrorOutput,
+                                                       **ERRORS})
+    def post(self, request: Request) -> Response:
+        data = _valid(self.InputSerializer, request)
+        requests = [ConsumeInput().to_request(item) for item in data["operations"]]
+        results = services.usage_consume_batch(requests=requests, ctx=request_context(request))
+        items = [{"index": r.index, "result": "replayed" if r.replayed else "recorded",
+                  "userId": requests[r.index].user_id, **r.body} for r in results]
+        recorded = sum(1 for r in results if not r.replayed)
+        return Response({"recorded": recorded, "replayed": len(results) - recorded, "results": items},
+                        status=status.HTTP_201_CREATED if recorded else status.HTTP_200_OK)
+
+
+class ReleaseApi(APIView):
+    permission_classes = [CanConsume]
+
+    class InputSerializer(serializers.Serializer):
+        userId = UserIdField()
+        reservationId = serializers.UUIDField()
+
+    class OutputSerializer(serializers.Serializer):
+        reservationId = serializers.UUIDField()
+        status = serializers.CharField()
+        tokens = serializers.IntegerField()
+
+    @extend_schema(request=InputSerializer, responses={200: OutputSerializer, 409: ErrorOutput, **ERRORS})
+    def post(self, request: Request) -> Response:
+        data = _valid(self.InputSerializer, request)
+        reservation = services.reservation_release(user_id=data["userId"], reservation_id=str(data["reservationId"]),
+                                                   ctx=request_context(request))
+        return Response({"reservationId": str(reservation.pk), "status": reservation.status,
+                         "tokens": reservation.tokens})
+
+
+class UsageApi(APIView):
+    permission_classes = [CanReadFor]
+
+    class FilterSerializer(serializers.Serializer):
+        userId = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
+
+    @extend_schema(parameters=[OpenApiParameter("userId", int)], responses={200: UsageOutput, **ERRORS})
+    def get(self, request: Request) -> Response:
+        data = _valid(self.FilterSerializer, request, query=True)
+        user_id = user_id_for(request, data.get("userId"))
+        return Response(services.usage_get(user_id=user_id).as_api())
+
+
+class HistoryPagination(CursorPagination):
+    ordering = ("-created_at", "-id")
+    page_size = 50
+    page_size_query_param = "pageSize"
+    max_page_size = 500
+
+
+class HistoryApi(APIView):
+    permission_classes = [CanReadFor]
+
+    class FilterSerializer(serializers.Serializer):
+        userId = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
+        operationType = serializers.CharField(required=False, max_length=40)
+        kind = serializers.ChoiceField(required=False, choices=["consumption", "reservation", "release", "grant",
+                                                                "adjustment", "reset"])
+        to = serializers.CharField(required=False)
+
+        def validate(self, attrs):
+            for field in ("from", "to"):
+                raw = self.initial_data.get(field)
+                if raw is None:
+                    continue
+                parsed = parse_datetime(raw) or (parse_date(raw) if len(raw) == 10 else None)
+                if parsed is None:
+                    raise serializers.ValidationError({field: ["Use an ISO 8601 date or date-time."]})
+                attrs[field] = parsed
+            return attrs
+
+    class OutputSerializer(serializers.Serializer):
+        id = serializers.IntegerField()
+        kind = serializers.CharField()
+        tokens = serializers.IntegerField(source="used_delta")
+        reservedDelta = serializers.IntegerField(source="reserved_delta")
+        operationId = serializers.CharField(source="operation_id")
+        operationType = serializers.CharField(source="operation_type")
+        provider = serializers.CharField()
+        model = serializers.CharField()
+        estimatedTokens = serializers.IntegerField(source="estimated_tokens", allow_null=True)
+        actualTokens = serializers.IntegerField(source="actual_tokens", allow_null=True)
+        reason = serializers.CharField()
+        createdAt = serializers.DateTimeField(source="created_at")
+
+    @extend_schema(parameters=[OpenApiParameter("userId", int), OpenApiParameter("from", str),
+                               OpenApiParameter("to", str), OpenApiParameter("operationType", str),
+                               OpenApiParameter("kind", str), OpenApiParameter("cursor", str),
+                               OpenApiParameter("pageSize", int)],
+                   responses={200: OutputSerializer(many=True), **ERRORS})
+    def get(self, request: Request) -> Response:
+        data = _valid(self.FilterSerializer, request, query=True)
+        user_id = user_id_for(request, data.get("userId"))
+        services.account_for_user(user_id=user_id)
+        entries = selectors.ledger_for_user(user_id=user_id, since=data.get("from"), until=data.get("to"),
+                                            operation_type=data.get("operationType"), kind=data.get("kind"))
+        paginator = HistoryPagination()
+        page = paginator.paginate_queryset(entries, request, view=self)
+        return paginator.get_paginated_response(self.OutputSerializer(page, many=True).data)
+
+
+def _valid(serializer_class, request: Request, *, query: bool = False) -> dict[str, Any]:
+    data = request.query_params if query else request.data
+    if not query and not isinstance(data, dict):
+        raise ApplicationError("The body must be a JSON object.", code="invalid_request")
+    serializer = serializer_class(data=data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data

@@ -1,0 +1,283 @@
+"""Tiers, accounts, usage periods and the token ledger.
+
+The ledger (`LedgerEntry`) is the truth: append-only, one row per change to a
+balance. A `UsagePeriod`'s `used`/`reserved` counters are a cache of that ledger,
+changed in the same transaction as the row that explains them, and `reconcile`
+proves the two agree.
+"""
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Tier(models.Model):
+    slug = models.SlugField(max_length=40, unique=True)
+    name = models.CharField(max_length=100)
+    monthly_token_limit = models.PositiveIntegerField()
+    overage_rate = models.DecimalField(max_digits=12, decimal_places=6, help_text="USD per token past the limit.")
+    allow_overage = models.BooleanField(default=True)
+    max_overage_percentage = models.PositiveIntegerField(default=0, help_text="How far past the limit a period may go, in % of the limit.")
+    hard_limit = models.BooleanField(default=False, help_text="Never allow usage past the limit, whatever the overage settings say.")
+    requests_per_hour = models.PositiveIntegerField(default=100)
+    features = models.JSONField(default=list, blank=True)
+    monthly_price_cents = models.PositiveIntegerField(default=0)
+    yearly_price_cents = models.PositiveIntegerField(default=0)
+    # Optional: bill overage early once the accrued charge passes this many cents.
+    overage_billing_threshold_cents = models.PositiveIntegerField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["monthly_token_limit"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def cap(self) -> int:
+        return tier_cap(self.monthly_token_limit, self.allow_overage and not self.hard_limit, self.max_overage_percentage)
+
+
+def tier_cap(limit: int, overage_allowed: bool, max_overage_percentage: int) -> int:
+    """The most a period may use: the limit, or limit x (1 + max overage %)."""
+    if not overage_allowed:
+        return limit
+    return limit + (limit * max_overage_percentage) // 100
+
+
+class OperationType(models.Model):
+    slug = models.SlugField(max_length=40, unique=True)
+    name = models.CharField(max_length=100)
+    base_tokens = models.PositiveIntegerField()
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class Provider(models.Model):
+    """An AI provider and how to estimate its tokens.
+
+    `openai` counts exactly with tiktoken. Others count with a tiktoken encoding
+    scaled by `calibration_factor`, which learns from the actual tokens reported
+    when operations settle; the chars/words ratios are the floor of the estimate.
+    """
+
+    class Counting(models.TextChoices):
+        EXACT = "exact", "Exact (tiktoken)"
+        CALIBRATED = "calibrated", "Calibrated (tiktoken × factor, ratios as floor)"
+
+    slug = models.SlugField(max_length=40, unique=True)
+    name = models.CharField(max_length=100)
+    counting = models.CharField(max_length=20, choices=Counting.choices, default=Counting.CALIBRATED)
+    default_encoding = models.CharField(max_length=40, default="cl100k_base")
+    chars_per_token = models.DecimalField(max_digits=6, decimal_places=3, default=Decimal("4"))
+    words_per_token = models.DecimalField(max_digits=6, decimal_places=3, default=Decimal("0.75"))
+    calibration_factor = models.DecimalField(max_digits=8, decimal_places=5, default=Decimal("1"))
+    calibration_samples = models.PositiveIntegerField(default=0)
+    # Mean absolute relative error of recent estimates (0.1 = 10%), for staff to watch.
+    recent_error = models.DecimalField(max_digits=8, decimal_places=5, null=True, blank=True)
+    calibrated_at = models.DateTimeField(null=True, blank=True)
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["slug"]
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class ServiceKey(models.Model):
+    """A backend service's API key. Only a SHA-256 of the key is stored."""
+
+    class Scope(models.TextChoices):
+        READ = "read", "Read"
+        CONSUME = "consume", "Read and consume"
+
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, db_index=True)
+    hashed_key = models.CharField(max_length=64, unique=True)
+    scope = models.CharField(max_length=10, choices=Scope.choices, default=Scope.CONSUME)
+    environment = models.CharField(max_length=40)
+    created_at = models.DateTimeField(auto_now_add=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    requests_per_hour = models.PositiveIntegerField(default=100_000)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class Account(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        TRIALING = "trialing", "Trialing"
+        PAST_DUE = "past_due", "Past due"
+        CANCELED = "canceled", "Canceled"
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="token_account")
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, null=True, blank=True, related_name="accounts")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
+    # When set, the account keeps only its included tokens (no overage): payment
+    # failed past the grace period, or an anomaly hold.
+    overage_blocked = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.user} on {self.tier or 'no tier'}"
+
+
+class UsagePeriod(models.Model):
+    """One billing period of one account: [starts_at, ends_at).
+
+    `token_limit` and `cap` are the terms in force, copied from the tier and the
+    account's state so the hot path needs no join; changing a tier rewrites them
+    for open periods at once. A reset opens a new period; nothing is deleted.
+    """
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="periods")
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    token_limit = models.PositiveIntegerField()
+    cap = models.PositiveIntegerField()
+    overage_rate = models.DecimalField(max_digits=12, decimal_places=6)
+    used = models.BigIntegerField(default=0)
+    reserved = models.BigIntegerField(default=0)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "starts_at"], name="period_unique_start"),
+            models.CheckConstraint(condition=Q(ends_at__gt=models.F("starts_at")), name="period_positive_length"),
+            models.CheckConstraint(condition=Q(reserved__gte=0), name="period_reserved_nonnegative"),
+        ]
+        indexes = [models.Index(fields=["account", "-starts_at"], name="period_account_recent")]
+        ordering = ["-starts_at"]
+
+    def __str__(self) -> str:
+        return f"{self.account.user} {self.starts_at:%Y-%m-%d}–{self.ends_at:%Y-%m-%d}"
+
+    @property
+    def overage_tokens(self) -> int:
+        return max(0, self.used - self.token_limit)
+
+
+class LedgerEntry(models.Model):
+    """Append-only: every change to a period's counters, with why and by whom."""
+
+    class Kind(models.TextChoices):
+        CONSUMPTION = "consumption", "Consumption"
+        RESERVATION = "reservation", "Reservation"
+        RELEASE = "release", "Release"
+        GRANT = "grant", "Grant"
+        ADJUSTMENT = "adjustment", "Adjustment"
+        RESET = "reset", "Reset"
+
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="ledger")
+    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="ledger")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    # Change to period.used and period.reserved made by this row.
+    used_delta = models.BigIntegerField(default=0)
+    reserved_delta = models.BigIntegerField(default=0)
+    operation_id = models.CharField(max_length=200, blank=True, default="")
+    operation_type = models.CharField(max_length=40, blank=True, default="")
+    provider = models.CharField(max_length=40, blank=True, default="")
+    model = models.CharField(max_length=100, blank=True, default="")
+    estimated_tokens = models.PositiveIntegerField(null=True, blank=True)
+    actual_tokens = models.PositiveIntegerField(null=True, blank=True)
+    reservation = models.ForeignKey("Reservation", on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    service_key = models.ForeignKey(ServiceKey, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    actor = models.CharField(max_length=150, blank=True, default="", help_text="Staff member for grants and adjustments.")
+    reason = models.TextField(blank=True, default="")
+    # For consumptions: a hash of the request, to tell a replay from a conflicting reuse
+    # of the operation id, and the answer given, so a replay answers the same.
+    fingerprint = models.CharField(max_length=64, blank=True, default="")
+    response = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["account", "operation_id"],
+                condition=Q(kind="consumption"),
+                name="ledger_one_consumption_per_operation",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["account", "-created_at", "-id"], name="ledger_account_recent"),
+            models.Index(fields=["period", "kind"], name="ledger_period_kind"),
+        ]
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.used_delta:+d} ({self.operation_id or self.reason})"
+
+
+class Reservation(models.Model):
+    """A hold on tokens before an operation runs; counts against the cap until
+    settled by a consume, released, or expired by cleanup."""
+
+    class Status(models.TextChoices):
+        HELD = "held", "Held"
+        SETTLED = "settled", "Settled"
+        RELEASED = "released", "Released"
+        EXPIRED = "expired", "Expired"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="reservations")
+    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="reservations")
+    tokens = models.PositiveIntegerField()
+    operation_id = models.CharField(max_length=200, blank=True, default="")
+    operation_type = models.CharField(max_length=40, blank=True, default="")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.HELD)
+    created_at = models.DateTimeField()
+    expires_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["status", "expires_at"], name="reservation_status_expiry")]
+        constraints = [
+            # One live hold per operation: a retried reserve gets the same hold back.
+            models.UniqueConstraint(fields=["account", "operation_id"],
+                                    condition=Q(status="held") & ~Q(operation_id=""),
+                                    name="reservation_one_hold_per_operation"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens ({self.status})"
+
+
+class AuditLog(models.Model):
+    """Who asked for what, and what we answered; refused requests included."""
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    action = models.CharField(max_length=40)
+    tokens = models.BigIntegerField(null=True, blank=True)
+    operation_type = models.CharField(max_length=40, blank=True, default="")
+    operation_id = models.CharField(max_length=200, blank=True, default="")
+    result = models.CharField(max_length=60)
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True, default="")
+    service_key = models.ForeignKey(ServiceKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    actor = models.CharField(max_length=150, blank=True, default="")
+    request_id = models.CharField(max_length=64, blank=True, default="")
+    detail = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["user", "-created_at"], name="audit_user_recent")]
+
+    def __str__(self) -> str:
+        return f"{self.action} {self.result}"

@@ -1,0 +1,32 @@
+"""Metering's business rules. Views, admin, tasks and other apps call these."""
+from .accounts import account_apply_terms, account_for_user, account_terms, period_current, tier_apply_terms
+from .audit import audit_record
+from .batch import MAX_BATCH, BatchRefused, usage_consume_batch
+from .context import SYSTEM, RequestContext
+from .estimates import provider_calibrate, tokens_estimate
+from .keys import service_key_create, service_key_revoke
+from .reconcile import Drift, ledger_reconcile
+from .staff import account_change_tier, period_reset, usage_adjust, usage_grant
+from .usage import (
+    CheckResult,
+    ConsumeRequest,
+    ConsumeResult,
+    Usage,
+    consume_refused,
+    reservation_release,
+    reservations_expire_stale,
+    usage_check,
+    usage_consume,
+    usage_get,
+    usage_of,
+    usage_status,
+)
+
+__all__ = [
+    "MAX_BATCH", "SYSTEM", "BatchRefused", "CheckResult", "ConsumeRequest", "ConsumeResult", "Drift",
+    "RequestContext", "Usage", "account_apply_terms", "account_change_tier", "account_for_user", "account_terms",
+    "audit_record", "consume_refused", "ledger_reconcile", "period_current", "period_reset", "provider_calibrate",
+    "reservation_release", "reservations_expire_stale", "service_key_create", "service_key_revoke",
+    "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
+    "usage_get", "usage_grant", "usage_of", "usage_status",
+]

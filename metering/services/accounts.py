@@ -1,0 +1,77 @@
+"""Accounts, their terms, and opening periods."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from consensus_tokens.errors import UnknownUser
+
+from ..models import Account, Tier, UsagePeriod, tier_cap
+from ..periods import bounds_for
+
+
+def account_terms(account: Account) -> tuple[int, int, object]:
+    """(limit, cap, overage rate) in force for an account right now."""
+    tier = account.tier
+    if tier is None:
+        return 0, 0, 0
+    overage_allowed = tier.allow_overage and not tier.hard_limit and not account.overage_blocked
+    return tier.monthly_token_limit, tier_cap(tier.monthly_token_limit, overage_allowed, tier.max_overage_percentage), tier.overage_rate
+
+
+def account_for_user(*, user_id: int) -> Account:
+    """The user's account, created on the default tier on first use."""
+    account = Account.objects.select_related("tier").filter(user_id=user_id).first()
+    if account is not None:
+        return account
+    if not get_user_model().objects.filter(pk=user_id).exists():
+        raise UnknownUser(f"No user with id {user_id}.")
+    tier = Tier.objects.filter(slug=settings.DEFAULT_TIER).first()
+    try:
+        with transaction.atomic():
+            Account.objects.create(user_id=user_id, tier=tier)
+    except IntegrityError:
+        pass  # created concurrently
+    return Account.objects.select_related("tier").get(user_id=user_id)
+
+
+def period_current(*, account: Account, now: datetime | None = None) -> UsagePeriod:
+    """The period containing `now`, opened if it does not exist yet. A request after
+    a period's end opens the next one itself; it never waits for a job."""
+    now = now or timezone.now()
+    period = (UsagePeriod.objects.filter(account=account, starts_at__lte=now, ends_at__gt=now)
+              .order_by("-starts_at").first())
+    if period is not None:
+        return period
+    start, end = bounds_for(account, now)
+    limit, cap, rate = account_terms(account)
+    try:
+        with transaction.atomic():
+            return UsagePeriod.objects.create(account=account, starts_at=start, ends_at=end, token_limit=limit,
+                                              cap=cap, overage_rate=rate)
+    except IntegrityError:
+        return UsagePeriod.objects.get(account=account, starts_at=start)
+
+
+def account_apply_terms(*, account: Account, now: datetime | None = None) -> int:
+    """Rewrite the limit/cap/rate of the account's open periods from its tier and
+    state, so a change takes effect at once. Returns the periods changed."""
+    now = now or timezone.now()
+    limit, cap, rate = account_terms(account)
+    return UsagePeriod.objects.filter(account=account, ends_at__gt=now).update(token_limit=limit, cap=cap, overage_rate=rate)
+
+
+def tier_apply_terms(*, tier: Tier, now: datetime | None = None) -> int:
+    """After staff edit a tier: every open period of its users gets the new terms
+    (two UPDATEs, whatever the number of users)."""
+    now = now or timezone.now()
+    limit = tier.monthly_token_limit
+    open_periods = UsagePeriod.objects.filter(account__tier=tier, ends_at__gt=now)
+    full_cap = tier_cap(limit, tier.allow_overage and not tier.hard_limit, tier.max_overage_percentage)
+    changed = open_periods.filter(account__overage_blocked=False).update(token_limit=limit, cap=full_cap, overage_rate=tier.overage_rate)
+    changed += open_periods.filter(account__overage_blocked=True).update(token_limit=limit, cap=limit, overage_rate=tier.overage_rate)
+    return changed

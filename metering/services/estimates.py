@@ -1,0 +1,91 @@
+"""Estimating an operation's tokens, cached by a hash of the inputs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from consensus_tokens.errors import UnknownProvider
+
+from .. import estimation
+from ..models import LedgerEntry, Provider
+from .usage import operation_type_get
+
+logger = logging.getLogger(__name__)
+
+# How far one calibration run may move a provider's factor, and its bounds.
+CALIBRATION_STEP_LIMIT = Decimal("2")
+CALIBRATION_BOUNDS = (Decimal("0.2"), Decimal("5"))
+
+
+def provider_rules(provider: Provider) -> estimation.ProviderRules:
+    return estimation.ProviderRules(
+        slug=provider.slug, exact=provider.counting == Provider.Counting.EXACT,
+        default_encoding=provider.default_encoding, chars_per_token=provider.chars_per_token,
+        words_per_token=provider.words_per_token, calibration_factor=provider.calibration_factor,
+        calibration_samples=provider.calibration_samples)
+
+
+def tokens_estimate(*, operation_type: str, provider: str, model: str | None, topic: str,
+                    sources: list[str]) -> dict:
+    op = operation_type_get(operation_type)
+    prov = Provider.objects.filter(slug=provider, active=True).first()
+    if prov is None:
+        raise UnknownProvider(f"Unknown provider '{provider}'.")
+    rules = provider_rules(prov)
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(json.dumps([op.slug, op.base_tokens, rules.slug, rules.exact, rules.default_encoding,
+                              str(rules.chars_per_token), str(rules.words_per_token), str(rules.calibration_factor),
+                              rules.calibration_samples >= estimation.CALIBRATION_MIN_SAMPLES, model or "",
+                              len(sources)]).encode())
+    for part in (topic, *sources):
+        digest.update(len(part).to_bytes(8, "little"))
+        digest.update(part.encode("utf-8", "surrogatepass"))
+    key = f"estimate:{digest.hexdigest()}"
+    try:
+        cached = cache.get(key)
+    except Exception:  # the cache is an optimisation: Redis down means compute
+        logger.warning("estimate cache unavailable", exc_info=True)
+        cached = None
+    if cached is not None:
+        return {**cached, "cached": True}
+    result = estimation.estimate(base_tokens=op.base_tokens, rules=rules, model=model, topic=topic, sources=sources,
+                                 cache_dir=settings.TIKTOKEN_CACHE_DIR).as_dict()
+    try:
+        cache.set(key, result, settings.ESTIMATE_CACHE_SECONDS)
+    except Exception:
+        logger.warning("estimate cache unavailable", exc_info=True)
+    return {**result, "cached": False}
+
+
+def provider_calibrate(*, provider: Provider) -> Provider:
+    """Learn the provider's factor from operations settled since the last run: the
+    factor is scaled by Σactual / Σestimated, and the mean relative error kept."""
+    with transaction.atomic():
+        locked = Provider.objects.select_for_update().get(pk=provider.pk)
+        if locked.counting == Provider.Counting.EXACT:
+            return locked
+        rows = LedgerEntry.objects.filter(kind=LedgerEntry.Kind.CONSUMPTION, provider=locked.slug,
+                                          estimated_tokens__gt=0, actual_tokens__gt=0)
+        if locked.calibrated_at:
+            rows = rows.filter(created_at__gt=locked.calibrated_at)
+        totals = rows.aggregate(estimated=Sum("estimated_tokens"), actual=Sum("actual_tokens"))
+        pairs = list(rows.values_list("estimated_tokens", "actual_tokens")[:5000])
+        locked.calibrated_at = timezone.now()
+        if pairs:
+            ratio = Decimal(totals["actual"]) / Decimal(totals["estimated"])
+            ratio = min(max(ratio, 1 / CALIBRATION_STEP_LIMIT), CALIBRATION_STEP_LIMIT)
+            low, high = CALIBRATION_BOUNDS
+            locked.calibration_factor = min(max(locked.calibration_factor * ratio, low), high).quantize(Decimal("0.00001"))
+            locked.calibration_samples += len(pairs)
+            locked.recent_error = (sum(Decimal(abs(a - e)) / Decimal(a) for e, a in pairs) / len(pairs)).quantize(
+                Decimal("0.00001"))
+        locked.save(update_fields=["calibration_factor", "calibration_samples", "recent_error", "calibrated_at"])
+    return locked

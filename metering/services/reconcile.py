@@ -1,0 +1,28 @@
+"""Proving the counters are a faithful cache of the ledger."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from django.db.models import Sum
+from django.db.models.functions import Coalesce
+
+from ..models import UsagePeriod
+
+
+@dataclass(frozen=True)
+class Drift:
+    period_id: int
+    user_id: int
+    used: int
+    ledger_used: int
+    reserved: int
+    ledger_reserved: int
+
+
+def ledger_reconcile(*, periods=None) -> list[Drift]:
+    """Every period whose counters differ from the sum of its ledger rows."""
+    qs = (periods if periods is not None else UsagePeriod.objects.all()).annotate(
+        ledger_used=Coalesce(Sum("ledger__used_delta"), 0),
+        ledger_reserved=Coalesce(Sum("ledger__reserved_delta"), 0),
+    ).values_list("pk", "account__user_id", "used", "ledger_used", "reserved", "ledger_reserved")
+    return [Drift(*row) for row in qs.iterator(chunk_size=2000) if row[2] != row[3] or row[4] != row[5]]
