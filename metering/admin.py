@@ -68,11 +68,11 @@ class ServiceKeyAdmin(admin.ModelAdmin):
 
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin):
-    list_display = ("user", "tier", "status", "overage_blocked", "created_at")
+    list_display = ("user", "tier", "status", "billing_hold", "anomaly_hold", "created_at")
     list_select_related = ("user", "tier")
-    list_filter = ("tier", "status", "overage_blocked")
+    list_filter = ("tier", "status", "billing_hold", "anomaly_hold")
     search_fields = ("user__username", "user__email")
-    readonly_fields = ("user", "tier", "status", "overage_blocked", "created_at")
+    readonly_fields = ("user", "tier", "status", "billing_hold", "anomaly_hold", "created_at")
 
     def has_add_permission(self, request, obj=None):
         return False

@@ -128,13 +128,19 @@ class Account(models.Model):
     user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="token_account")
     tier = models.ForeignKey(Tier, on_delete=models.PROTECT, null=True, blank=True, related_name="accounts")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
-    # When set, the account keeps only its included tokens (no overage): payment
-    # failed past the grace period, or an anomaly hold.
-    overage_blocked = models.BooleanField(default=False)
+    # Either hold keeps the account to its included tokens (no overage). Two flags,
+    # because they are lifted by different events: a successful payment, or support
+    # resolving an anomaly flag.
+    billing_hold = models.BooleanField(default=False, help_text="Payment failed past the grace period.")
+    anomaly_hold = models.BooleanField(default=False, help_text="Held by an open anomaly flag.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
         return f"{self.user} on {self.tier or 'no tier'}"
+
+    @property
+    def overage_blocked(self) -> bool:
+        return self.billing_hold or self.anomaly_hold
 
 
 class UsagePeriod(models.Model):

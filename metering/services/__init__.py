@@ -1,5 +1,12 @@
 """Metering's business rules. Views, admin, tasks and other apps call these."""
-from .accounts import account_apply_terms, account_for_user, account_terms, period_current, tier_apply_terms
+from .accounts import (
+    account_apply_terms,
+    account_for_user,
+    account_terms,
+    period_align,
+    period_current,
+    tier_apply_terms,
+)
 from .audit import audit_record
 from .batch import MAX_BATCH, BatchRefused, usage_consume_batch
 from .context import SYSTEM, RequestContext
@@ -25,7 +32,7 @@ from .usage import (
 __all__ = [
     "MAX_BATCH", "SYSTEM", "BatchRefused", "CheckResult", "ConsumeRequest", "ConsumeResult", "Drift",
     "RequestContext", "Usage", "account_apply_terms", "account_change_tier", "account_for_user", "account_terms",
-    "audit_record", "consume_refused", "ledger_reconcile", "period_current", "period_reset", "provider_calibrate",
+    "audit_record", "consume_refused", "ledger_reconcile", "period_align", "period_current", "period_reset", "provider_calibrate",
     "reservation_release", "reservations_expire_stale", "service_key_create", "service_key_revoke",
     "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
     "usage_get", "usage_grant", "usage_of", "usage_status",

@@ -6,6 +6,7 @@ from datetime import datetime
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from consensus_tokens.errors import UnknownUser
@@ -72,6 +73,30 @@ def tier_apply_terms(*, tier: Tier, now: datetime | None = None) -> int:
     limit = tier.monthly_token_limit
     open_periods = UsagePeriod.objects.filter(account__tier=tier, ends_at__gt=now)
     full_cap = tier_cap(limit, tier.allow_overage and not tier.hard_limit, tier.max_overage_percentage)
-    changed = open_periods.filter(account__overage_blocked=False).update(token_limit=limit, cap=full_cap, overage_rate=tier.overage_rate)
-    changed += open_periods.filter(account__overage_blocked=True).update(token_limit=limit, cap=limit, overage_rate=tier.overage_rate)
+    held = Q(account__billing_hold=True) | Q(account__anomaly_hold=True)
+    changed = open_periods.exclude(held).update(token_limit=limit, cap=full_cap, overage_rate=tier.overage_rate)
+    changed += open_periods.filter(held).update(token_limit=limit, cap=limit, overage_rate=tier.overage_rate)
     return changed
+
+
+def period_align(*, account: Account, starts_at: datetime, ends_at: datetime) -> UsagePeriod:
+    """Make [starts_at, ends_at) the account's period (billing calls this with the
+    Stripe subscription's current period). A period with that start is kept (its
+    end follows Stripe); otherwise the overlapping open period is cut short at
+    `starts_at` and a new one starts at zero: the period reset. History stays."""
+    limit, cap, rate = account_terms(account)
+    with transaction.atomic():
+        existing = UsagePeriod.objects.select_for_update().filter(account=account, starts_at=starts_at).first()
+        if existing is not None:
+            if existing.ends_at != ends_at:
+                existing.ends_at = ends_at
+                existing.save(update_fields=["ends_at", "updated_at"])
+            return existing
+        now = timezone.now()
+        for old in UsagePeriod.objects.select_for_update().filter(account=account, ends_at__gt=starts_at,
+                                                                   starts_at__lt=starts_at):
+            old.ends_at = starts_at
+            old.closed_at = old.closed_at or now
+            old.save(update_fields=["ends_at", "closed_at", "updated_at"])
+        return UsagePeriod.objects.create(account=account, starts_at=starts_at, ends_at=ends_at, token_limit=limit,
+                                          cap=cap, overage_rate=rate)
