@@ -3,6 +3,7 @@ consensus_tokens/settings/test.py); nothing of ours is mocked."""
 from __future__ import annotations
 
 import itertools
+from importlib import import_module
 
 import pytest
 from django.core.cache import cache
@@ -18,6 +19,28 @@ _usernames = itertools.count(1)
 def _clear_cache():
     cache.clear()
     yield
+
+
+def _seed_reference_data() -> None:
+    from django.apps import apps
+
+    import_module("metering.migrations.0002_seed_tiers_operations_providers").seed(apps, None)
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """A transactional test ends by flushing every table, the migration-seeded tiers,
+    operation types and providers included, and --reuse-db keeps that state: seed again."""
+    with django_db_blocker.unblock():
+        _seed_reference_data()
+
+
+@pytest.fixture(autouse=True)
+def _reseed_for_transactional_tests(request):
+    marker = request.node.get_closest_marker("django_db")
+    if (marker and marker.kwargs.get("transaction")) or "transactional_db" in request.fixturenames:
+        request.getfixturevalue("transactional_db")
+        _seed_reference_data()
 
 
 @pytest.fixture

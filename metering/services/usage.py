@@ -341,8 +341,10 @@ def _consume_orm(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
     try:
         with transaction.atomic():
             result = _record_consumption(account=account, period=period, request=request, ctx=ctx)
-    except IntegrityError:
-        # the same operation id recorded concurrently: everything above rolled back
+    except (IntegrityError, TokenCapExceeded, ReservationExpired):
+        # The same operation id recorded concurrently: everything above rolled back.
+        # The refusal may be that very request's doing (it filled the cap, or settled
+        # the reservation) - then this is its replay, not a refusal.
         replay = _replay(account, request, ctx)
         if replay is None:
             raise

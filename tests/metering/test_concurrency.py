@@ -1,0 +1,146 @@
+"""Races on real PostgreSQL: real threads, each with its own connection, against
+the API. The cap holds, no update is lost, counters equal the ledger."""
+from __future__ import annotations
+
+import pytest
+
+from metering.models import AuditLog, LedgerEntry, Reservation
+from metering.services import ledger_reconcile
+
+from .conftest import consume_body, current_period, key_client, run_concurrently
+
+pytestmark = [pytest.mark.django_db(transaction=True),
+              pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "orm"])]
+
+THREADS = 64
+
+
+@pytest.fixture(autouse=True)
+def _path(settings, fast_path):
+    settings.METERING_FAST_PATH = fast_path
+
+
+def _post(raw_key: str, path: str, body: dict) -> tuple[int, dict]:
+    response = key_client(raw_key).post(path, body, format="json")
+    return response.status_code, response.json()
+
+
+def test_concurrent_consumes_near_the_cap_never_pass_it_and_lose_nothing(make_user, service_key, spend):
+    user = make_user("basic")  # limit 10,000, cap 15,000
+    spend(user, 14_000)
+    tokens = 37  # 1,000 left: room for 27 of the 64
+
+    results = run_concurrently(THREADS, lambda i: _post(
+        service_key, "/api/tokens/consume", consume_body(user, f"race-{i}", tokens)))
+
+    statuses = sorted(s for s, _ in results)
+    created = [body for s, body in results if s == 201]
+    assert set(statuses) == {201, 402}, statuses
+    assert len(created) == 1_000 // tokens == 27
+    assert all(body["error"]["code"] == "token_cap_exceeded" for s, body in results if s == 402)
+    period = current_period(user)
+    assert period.used == 14_000 + len(created) * tokens <= period.cap == 15_000
+    assert LedgerEntry.objects.filter(account__user=user, kind="consumption").count() == 1 + len(created)
+    # every answer showed a distinct running total: no two updates saw the same state
+    assert len({body["usage"]["used"] for body in created}) == len(created)
+    assert max(body["usage"]["used"] for body in created) == period.used
+    assert ledger_reconcile() == []
+    assert AuditLog.objects.filter(user=user, action="consume", result="token_cap_exceeded").count() == 64 - 27
+
+
+def test_concurrent_consumes_with_room_all_count(make_user, service_key):
+    user = make_user("pro")
+    results = run_concurrently(THREADS, lambda i: _post(
+        service_key, "/api/tokens/consume", consume_body(user, f"op-{i}", 100 + i)))
+    assert [s for s, _ in results] == [201] * THREADS
+    assert current_period(user).used == sum(100 + i for i in range(THREADS))
+    assert ledger_reconcile() == []
+
+
+def test_concurrent_reservations_near_the_cap_never_pass_it(make_user, service_key, spend):
+    user = make_user("basic")
+    spend(user, 14_000)
+
+    results = run_concurrently(THREADS, lambda i: _post(
+        service_key, "/api/tokens/check",
+        {"userId": user.pk, "tokens": 100, "reserve": True, "operationId": f"hold-{i}"}))
+
+    assert {s for s, _ in results} == {200}
+    granted = [body for _, body in results if body["sufficient"]]
+    refused = [body for _, body in results if not body["sufficient"]]
+    assert len(granted) == 10 and len(refused) == THREADS - 10
+    assert all("reservationId" in b for b in granted) and not any("reservationId" in b for b in refused)
+    assert len({b["reservationId"] for b in granted}) == 10
+    period = current_period(user)
+    assert (period.used, period.reserved) == (14_000, 1_000)
+    assert Reservation.objects.filter(account__user=user, status="held").count() == 10
+    assert ledger_reconcile() == []
+
+
+def test_concurrent_reservations_and_consumes_together_respect_the_cap(make_user, service_key, spend):
+    user = make_user("basic")
+    spend(user, 13_000)  # 2,000 left
+
+    def work(i: int) -> tuple[str, int, dict]:
+        if i % 2:
+            return ("consume", *_post(service_key, "/api/tokens/consume", consume_body(user, f"c-{i}", 150)))
+        return ("reserve", *_post(service_key, "/api/tokens/check",
+                                  {"userId": user.pk, "tokens": 150, "reserve": True, "operationId": f"r-{i}"}))
+
+    results = run_concurrently(THREADS, work)
+    consumed = sum(1 for kind, s, _ in results if kind == "consume" and s == 201)
+    reserved = sum(1 for kind, s, b in results if kind == "reserve" and b.get("sufficient"))
+    assert consumed + reserved == 2_000 // 150 == 13
+    period = current_period(user)
+    assert period.used == 13_000 + consumed * 150
+    assert period.reserved == reserved * 150
+    assert period.used + period.reserved <= period.cap
+    assert ledger_reconcile() == []
+
+
+def test_twenty_concurrent_replays_charge_once(make_user, service_key):
+    user = make_user("basic")
+    body = consume_body(user, "same-op", 321, provider="openai", model="gpt-4o", estimatedTokens=300)
+
+    results = run_concurrently(20, lambda i: _post(service_key, "/api/tokens/consume", body))
+
+    statuses = sorted(s for s, _ in results)
+    assert statuses == [200] * 19 + [201]
+    bodies = [b for _, b in results]
+    assert all(b == bodies[0] for b in bodies)
+    assert bodies[0]["usage"]["used"] == 321
+    assert current_period(user).used == 321
+    assert LedgerEntry.objects.filter(account__user=user, operation_id="same-op").count() == 1
+    assert ledger_reconcile() == []
+
+
+def test_twenty_concurrent_replays_at_the_cap_are_replays_not_refusals(make_user, service_key, spend):
+    """The first one fills the cap exactly; the other nineteen must still be
+    answered as replays (200), not as a 402 for a second charge."""
+    user = make_user("basic")
+    spend(user, 14_500)
+    body = consume_body(user, "last-op", 500)
+
+    results = run_concurrently(20, lambda i: _post(service_key, "/api/tokens/consume", body))
+
+    assert sorted(s for s, _ in results) == [200] * 19 + [201], [b for s, b in results if s not in (200, 201)]
+    assert all(b == results[0][1] for _, b in results)
+    assert current_period(user).used == 15_000
+    assert ledger_reconcile() == []
+
+
+def test_twenty_concurrent_settles_of_one_reservation_charge_once(make_user, service_key):
+    user = make_user("basic")
+    client = key_client(service_key)
+    hold = client.post("/api/tokens/check", {"userId": user.pk, "tokens": 400, "reserve": True,
+                                             "operationId": "settle-op"}, format="json").json()
+    body = consume_body(user, "settle-op", 420, reservationId=hold["reservationId"])
+
+    results = run_concurrently(20, lambda i: _post(service_key, "/api/tokens/consume", body))
+
+    assert sorted(s for s, _ in results) == [200] * 19 + [201], [b for s, b in results if s not in (200, 201)]
+    assert all(b == results[0][1] for _, b in results)
+    period = current_period(user)
+    assert (period.used, period.reserved) == (420, 0)
+    assert Reservation.objects.get(pk=hold["reservationId"]).status == "settled"
+    assert ledger_reconcile() == []
