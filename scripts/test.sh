@@ -1,9 +1,39 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite against real PostgreSQL and Redis.
-# Uses DATABASE_URL / REDIS_URL when given; otherwise this machine's standard
-# ports; where nothing answers there, provisions throwaway servers (scripts/services.sh).
+# The test command: install the project with its test extra, make sure PostgreSQL,
+# Redis and Debian's Chromium are there, and run the whole suite (or what the
+# arguments select: they go to pytest as they are).
+#
+#   bash scripts/test.sh                      # everything (what CI runs)
+#   bash scripts/test.sh tests/metering -q    # a part
+#
+# PostgreSQL and Redis: DATABASE_URL / REDIS_URL when given; else this machine's
+# standard ports (127.0.0.1:5432 user postgres db test, 127.0.0.1:6379) when they
+# answer; else throwaway servers on free ports, stopped when this script exits.
+# See scripts/services.sh for the knobs (PG_PROBE_PORT, REDIS_PROBE_PORT, CT_SERVERS_FROM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$SECONDS
+
 source scripts/setup.sh test
 source scripts/services.sh
-exec python -m pytest "$@"
+trap ct_services_stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+ct_services_ensure
+ct_browser_ensure
+export DATABASE_URL REDIS_URL
+echo "test: setup took $((SECONDS - t0)) s; running pytest $*"
+
+args=()
+# In CI, name the slowest tests so the suite's time stays visible.
+[ -n "${CI:-}" ] && args+=(--durations=25)
+set +e
+python -m pytest "${args[@]}" "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  # No test was collected: for the whole suite that is a broken suite, never a pass.
+  echo "test: pytest collected no tests (exit 5)${*:+ for: $*}" >&2
+fi
+echo "test: finished in $((SECONDS - t0)) s with exit code $rc"
+exit "$rc"
