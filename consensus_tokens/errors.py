@@ -82,6 +82,11 @@ def _flatten(detail: Any) -> Any:
     return str(detail)
 
 
+def validation_fields(detail: Any) -> dict[str, Any]:
+    """A DRF ValidationError's detail as the error body's `fields`."""
+    return _flatten(detail) if isinstance(detail, dict) else {"nonFieldErrors": _flatten(detail)}
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, ApplicationError):
         return Response(error_body(exc.code, exc.message, extra=exc.extra), status=exc.status)
@@ -120,9 +125,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     }
     code = next((c for cls, c in codes.items() if isinstance(exc, cls)), "error")
     if isinstance(exc, drf.ValidationError):
-        detail = exc.detail
-        fields = _flatten(detail) if isinstance(detail, dict) else {"nonFieldErrors": _flatten(detail)}
-        response.data = error_body(code, "Invalid input.", fields)
+        response.data = error_body(code, "Invalid input.", validation_fields(exc.detail))
     else:
         response.data = error_body(code, str(exc.detail) if hasattr(exc, "detail") else str(exc))
     return response

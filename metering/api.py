@@ -7,17 +7,54 @@ from django.conf import settings
 from django.utils.dateparse import parse_date, parse_datetime
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import serializers, status
-from rest_framework.exceptions import PermissionDenied
+from rest_framework.exceptions import ParseError, PermissionDenied
 from rest_framework.pagination import CursorPagination
+from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from consensus_tokens.auth import CanConsume, CanReadFor, ServicePrincipal
-from consensus_tokens.errors import ApplicationError
+from consensus_tokens.errors import ApplicationError, validation_fields
 
 from . import selectors, services
 from .services import ConsumeRequest, RequestContext
+
+
+class StrictJSONParser(JSONParser):
+    """DRF's JSON parser, except that nesting too deep for Python's decoder and
+    strings that are not Unicode text (lone surrogates such as "\\ud800", which
+    the database cannot store) are malformed JSON - a 400, not a 500."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply.") from None
+        if _holds_surrogates(data):
+            raise ParseError("JSON parse error - a string holds a lone surrogate, which is not Unicode text.")
+        return data
+
+
+def _holds_surrogates(data: Any) -> bool:
+    pending = [data]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
+class JsonApi(APIView):
+    parser_classes = [StrictJSONParser]
 
 
 def request_context(request: Request) -> RequestContext:
@@ -90,7 +127,7 @@ class ErrorOutput(serializers.Serializer):
 ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 429: ErrorOutput}
 
 
-class EstimateApi(APIView):
+class EstimateApi(JsonApi):
     permission_classes = [CanReadFor]
 
     class InputSerializer(serializers.Serializer):
@@ -124,7 +161,7 @@ class EstimateApi(APIView):
         return Response(result)
 
 
-class CheckApi(APIView):
+class CheckApi(JsonApi):
     permission_classes = [CanReadFor]
 
     class InputSerializer(serializers.Serializer):
@@ -186,7 +223,7 @@ class ConsumeOutput(serializers.Serializer):
     usage = UsageOutput()
 
 
-class ConsumeApi(APIView):
+class ConsumeApi(JsonApi):
     permission_classes = [CanConsume]
 
     @extend_schema(request=ConsumeInput, responses={200: ConsumeOutput, 201: ConsumeOutput, 402: ErrorOutput,
@@ -207,7 +244,7 @@ class ConsumeApi(APIView):
         return response
 
 
-class BatchConsumeApi(APIView):
+class BatchConsumeApi(JsonApi):
     permission_classes = [CanConsume]
 
     class InputSerializer(serializers.Serializer):
@@ -224,7 +261,10 @@ class BatchConsumeApi(APIView):
     @extend_schema(request=InputSerializer, responses={201: OutputSerializer, 402: ErrorOutput, 409: ErrorOutput,
                                                        **ERRORS})
     def post(self, request: Request) -> Response:
-        data = _valid(self.InputSerializer, request)
+        try:
+            data = _valid(self.InputSerializer, request)
+        except serializers.ValidationError as error:
+            raise _naming_the_item(error) from None
         requests = [ConsumeInput().to_request(item) for item in data["operations"]]
         results = services.usage_consume_batch(requests=requests, ctx=request_context(request))
         items = [{"index": r.index, "result": "replayed" if r.replayed else "recorded",
@@ -234,7 +274,19 @@ class BatchConsumeApi(APIView):
                         status=status.HTTP_201_CREATED if recorded else status.HTTP_200_OK)
 
 
-class ReleaseApi(APIView):
+def _naming_the_item(error: serializers.ValidationError) -> Exception:
+    """An invalid batch item refuses the batch; the error says which item, as a refusal by the service does."""
+    items = error.detail.get("operations") if isinstance(error.detail, dict) else None
+    if isinstance(items, list) and all(isinstance(e, dict) for e in items):
+        items = {i: e for i, e in enumerate(items) if e}
+    if not isinstance(items, dict) or not items or not all(str(i).isdigit() for i in items):
+        return error  # not about one item (not a list, empty, too long)
+    index = min(int(i) for i in items)
+    return ApplicationError(f"Item {index} is invalid.", code="invalid_request",
+                            extra={"fields": validation_fields(error.detail), "index": index})
+
+
+class ReleaseApi(JsonApi):
     permission_classes = [CanConsume]
 
     class InputSerializer(serializers.Serializer):
@@ -255,7 +307,7 @@ class ReleaseApi(APIView):
                          "tokens": reservation.tokens})
 
 
-class UsageApi(APIView):
+class UsageApi(JsonApi):
     permission_classes = [CanReadFor]
 
     class FilterSerializer(serializers.Serializer):
@@ -275,7 +327,7 @@ class HistoryPagination(CursorPagination):
     max_page_size = 500
 
 
-class HistoryApi(APIView):
+class HistoryApi(JsonApi):
     permission_classes = [CanReadFor]
 
     class FilterSerializer(serializers.Serializer):
@@ -290,7 +342,10 @@ class HistoryApi(APIView):
                 raw = self.initial_data.get(field)
                 if raw is None:
                     continue
-                parsed = parse_datetime(raw) or (parse_date(raw) if len(raw) == 10 else None)
+                try:
+                    parsed = parse_datetime(raw) or (parse_date(raw) if len(raw) == 10 else None)
+                except ValueError:  # well formed but not a real date, such as 2026-02-30
+                    parsed = None
                 if parsed is None:
                     raise serializers.ValidationError({field: ["Use an ISO 8601 date or date-time."]})
                 attrs[field] = parsed
