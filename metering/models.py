@@ -287,3 +287,57 @@ class AuditLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.result}"
+
+
+class DailyUsage(models.Model):
+    """The ledger summed per account, period, UTC day, kind, operation type,
+    provider and model, so the dashboard and analytics read a few hundred rows
+    whatever the length of a user's history.
+
+    Built from the ledger by a job (`ledger_rollup_refresh`), never on the consume
+    path; rows past the rollup watermark are added live by the selectors, and
+    `ledger_rollup_verify` proves these sums equal the ledger's."""
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="+")
+    period = models.ForeignKey(UsagePeriod, on_delete=models.CASCADE, related_name="+")
+    day = models.DateField()
+    kind = models.CharField(max_length=20, choices=LedgerEntry.Kind.choices)
+    operation_type = models.CharField(max_length=40, blank=True, default="")
+    provider = models.CharField(max_length=40, blank=True, default="")
+    model = models.CharField(max_length=100, blank=True, default="")
+    used_delta = models.BigIntegerField(default=0)
+    reserved_delta = models.BigIntegerField(default=0)
+    entries = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account", "period", "day", "kind", "operation_type", "provider", "model"],
+                                    name="daily_usage_one_row_per_group"),
+        ]
+        indexes = [
+            models.Index(fields=["account", "day"], name="daily_usage_account_day"),
+            models.Index(fields=["period", "day"], name="daily_usage_period_day"),
+            models.Index(fields=["day"], name="daily_usage_day"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.kind} {self.operation_type} {self.used_delta:+d}"
+
+
+class LedgerRollupState(models.Model):
+    """How far `DailyUsage` has read the ledger (one row, id=1).
+
+    Ledger ids are taken when a row is inserted but become visible when its
+    transaction commits, so a lower id can appear after a higher one. Every id at
+    or below `watermark_id` was either rolled up or, if it was not visible yet, is
+    listed in `pending_ids` ({id: first seen missing, ISO time}) and looked for
+    again on the next run; ids still missing after `ROLLUP_PENDING_SECONDS` are
+    sequence values of rolled-back transactions."""
+
+    watermark_id = models.BigIntegerField(default=0)
+    pending_ids = models.JSONField(default=dict, blank=True)
+    refreshed_at = models.DateTimeField(null=True, blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"ledger rolled up to #{self.watermark_id}"

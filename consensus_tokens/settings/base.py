@@ -137,6 +137,11 @@ DEFAULT_TIER = env("DEFAULT_TIER", default="basic")
 TIKTOKEN_CACHE_DIR = env("TIKTOKEN_CACHE_DIR", default=str(Path.home() / ".cache" / "consensus-tokens" / "tiktoken"))
 # Use the single-statement PostgreSQL path for direct consumes.
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
+# Daily rollups of the ledger (metering.ledger_rollup_refresh): ids per batch; how long an id
+# not yet visible is looked for again; how far before the last refresh the live slice reaches.
+ROLLUP_BATCH_SIZE = env.int("ROLLUP_BATCH_SIZE", default=50_000)
+ROLLUP_PENDING_SECONDS = env.int("ROLLUP_PENDING_SECONDS", default=3600)
+ROLLUP_LIVE_SLACK_SECONDS = env.int("ROLLUP_LIVE_SLACK_SECONDS", default=300)
 
 # Celery: Redis as broker when REDIS_URL is set, otherwise tasks run in-process.
 CELERY_BROKER_URL = env("CELERY_BROKER_URL", default=REDIS_URL or "memory://")

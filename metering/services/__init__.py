@@ -13,6 +13,7 @@ from .context import SYSTEM, RequestContext
 from .estimates import provider_calibrate, tokens_estimate
 from .keys import service_key_create, service_key_revoke
 from .reconcile import Drift, ledger_reconcile
+from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollup_verify
 from .staff import account_change_tier, period_reset, usage_adjust, usage_grant
 from .usage import (
     CheckResult,
@@ -36,4 +37,5 @@ __all__ = [
     "reservation_release", "reservations_expire_stale", "service_key_create", "service_key_revoke",
     "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
     "usage_get", "usage_grant", "usage_of", "usage_status",
+    "RollupDrift", "RollupRun", "ledger_rollup_refresh", "ledger_rollup_verify",
 ]
