@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import api
+from . import analytics_api, api
 
 urlpatterns = [
     path("estimate", api.EstimateApi.as_view(), name="tokens-estimate"),
@@ -10,4 +10,6 @@ urlpatterns = [
     path("release", api.ReleaseApi.as_view(), name="tokens-release"),
     path("usage", api.UsageApi.as_view(), name="tokens-usage"),
     path("history", api.HistoryApi.as_view(), name="tokens-history"),
+    path("analytics/daily", analytics_api.DailyAnalyticsApi.as_view(), name="tokens-analytics-daily"),
+    path("reports/monthly", analytics_api.MonthlyReportApi.as_view(), name="tokens-reports-monthly"),
 ]
