@@ -266,12 +266,27 @@ class BatchConsumeApi(JsonApi):
         except serializers.ValidationError as error:
             raise _naming_the_item(error) from None
         requests = [ConsumeInput().to_request(item) for item in data["operations"]]
-        results = services.usage_consume_batch(requests=requests, ctx=request_context(request))
+        ctx = request_context(request)
+        try:
+            results = services.usage_consume_batch(requests=requests, ctx=ctx)
+        except ApplicationError as error:
+            _audit_refused_batch(requests, ctx, error)
+            raise
         items = [{"index": r.index, "result": "replayed" if r.replayed else "recorded",
                   "userId": requests[r.index].user_id, **r.body} for r in results]
         recorded = sum(1 for r in results if not r.replayed)
         return Response({"recorded": recorded, "replayed": len(results) - recorded, "results": items},
                         status=status.HTTP_201_CREATED if recorded else status.HTTP_200_OK)
+
+
+def _audit_refused_batch(requests: list[ConsumeRequest], ctx: RequestContext, error: ApplicationError) -> None:
+    index = error.extra.get("index")
+    item = requests[index] if isinstance(index, int) else None
+    services.audit_record(ctx=ctx, user_id=item.user_id if item and error.code != "unknown_user" else None,
+                          action="consume_batch", result=error.code, tokens=item.tokens if item else None,
+                          operation_type=item.operation_type if item else "",
+                          operation_id=item.operation_id if item else "",
+                          detail={"index": index, "items": len(requests)})
 
 
 def _naming_the_item(error: serializers.ValidationError) -> Exception:

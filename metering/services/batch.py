@@ -162,12 +162,17 @@ def _apply_deltas(delta: dict[int, int], fresh: list[tuple[int, ConsumeRequest]]
                   periods: dict[int, UsagePeriod]) -> None:
     """Lock the batch's periods (in id order, so concurrent batches cannot
     deadlock), refuse the batch if any would pass its cap, then one UPDATE."""
-    locked = UsagePeriod.objects.select_for_update().filter(pk__in=list(delta)).order_by("pk")
-    over = {p.pk for p in locked if p.used + p.reserved + delta[p.pk] > p.cap}
-    if over:
-        index, request = next((i, r) for i, r in fresh if periods[r.user_id].pk in over)
-        raise BatchRefused(f"Item {index}: user {request.user_id} would pass their token cap.",
-                           code="token_cap_exceeded", status=402, index=index)
+    locked = list(UsagePeriod.objects.select_for_update().filter(pk__in=list(delta)).order_by("pk"))
+    if any(p.used + p.reserved + delta[p.pk] > p.cap for p in locked):
+        # name the item that crosses the cap, not merely its user's first
+        committed = {p.pk: p.used + p.reserved for p in locked}
+        caps = {p.pk: p.cap for p in locked}
+        for index, request in fresh:
+            pk = periods[request.user_id].pk
+            committed[pk] += request.tokens
+            if committed[pk] > caps[pk]:
+                raise BatchRefused(f"Item {index}: user {request.user_id} would pass their token cap.",
+                                   code="token_cap_exceeded", status=402, index=index)
     amount = Case(*[When(pk=pk, then=Value(d)) for pk, d in delta.items()], output_field=IntegerField())
     UsagePeriod.objects.filter(pk__in=list(delta)).update(used=F("used") + amount)
 

@@ -1,0 +1,185 @@
+"""POST /api/tokens/consume/batch: all or nothing, idempotent per item, and a
+constant number of queries whatever the batch size."""
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from metering.models import AuditLog, LedgerEntry, UsagePeriod
+from metering.services import ledger_reconcile
+
+from .conftest import consume_body, current_period
+
+pytestmark = pytest.mark.django_db
+
+BATCH = "/api/tokens/consume/batch"
+
+
+def snapshot() -> tuple:
+    """The ledger and every non-empty counter (an empty period may be opened on the way)."""
+    return (LedgerEntry.objects.count(),
+            sorted(UsagePeriod.objects.exclude(used=0, reserved=0).values_list("pk", "used", "reserved")),
+            AuditLog.objects.filter(result="recorded").count())
+
+
+@pytest.fixture
+def users(make_user):
+    return [make_user("basic"), make_user("pro"), make_user("enterprise")]
+
+
+def items_for(users, count: int, prefix: str = "b") -> list[dict]:
+    return [consume_body(users[i % len(users)], f"{prefix}-{i}", 10 + i % 7,
+                         ("summary", "analysis", "consensus", "comparison")[i % 4], provider="openai",
+                         model="gpt-4o", estimatedTokens=12) for i in range(count)]
+
+
+def test_a_batch_records_every_item_with_running_usage(api, users):
+    ops = items_for(users, 9)
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 201, response.content
+    body = response.json()
+    assert (body["recorded"], body["replayed"]) == (9, 0)
+    assert [r["index"] for r in body["results"]] == list(range(9))
+    assert all(r["result"] == "recorded" for r in body["results"])
+    for user in users:
+        mine = [(op, r) for op, r in zip(ops, body["results"]) if op["userId"] == user.pk]
+        running = 0
+        for op, result in mine:  # each answer shows the usage right after that item
+            running += op["tokens"]
+            assert result["userId"] == user.pk and result["operationId"] == op["operationId"]
+            assert result["usage"]["used"] == running
+        assert current_period(user).used == running
+    entry = LedgerEntry.objects.get(operation_id="b-0")
+    assert (entry.provider, entry.model, entry.estimated_tokens, entry.actual_tokens) == ("openai", "gpt-4o", 12, 10)
+    assert ledger_reconcile() == []
+
+
+def test_replaying_a_batch_answers_the_same_and_changes_nothing(api, users):
+    ops = items_for(users, 6)
+    first = api.post(BATCH, {"operations": ops}, format="json").json()
+    before = snapshot()
+    again = api.post(BATCH, {"operations": ops}, format="json")
+    assert again.status_code == 200
+    body = again.json()
+    assert (body["recorded"], body["replayed"]) == (0, 6)
+    assert all(r["result"] == "replayed" for r in body["results"])
+    strip = lambda results: [{k: v for k, v in r.items() if k != "result"} for r in results]  # noqa: E731
+    assert strip(body["results"]) == strip(first["results"])
+    assert snapshot() == before
+
+
+def test_a_batch_mixing_replays_and_new_items(api, users):
+    single = consume_body(users[0], "solo", 77)
+    solo = api.post("/api/tokens/consume", single, format="json").json()
+    ops = [consume_body(users[0], "new-1", 5), single, consume_body(users[0], "new-2", 6)]
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 201
+    results = response.json()["results"]
+    assert [r["result"] for r in results] == ["recorded", "replayed", "recorded"]
+    assert {k: v for k, v in results[1].items() if k not in ("index", "result", "userId")} == solo
+    assert [r["usage"]["used"] for r in (results[0], results[2])] == [82, 88]
+    assert current_period(users[0]).used == 88
+
+
+@pytest.fixture
+def recorded_elsewhere(api, users):
+    api.post("/api/tokens/consume", consume_body(users[1], "taken", 50), format="json")
+
+
+INVALID_ITEMS = [
+    pytest.param(lambda u: {**consume_body(u, "x", 1), "tokens": "1"}, 400, "invalid_request", id="bad-type"),
+    pytest.param(lambda u: {**consume_body(u, "x", 1), "tokens": 0}, 400, "invalid_request", id="zero-tokens"),
+    pytest.param(lambda u: {**consume_body(u, "x", 1), "userId": 9_000_000_000}, 404, "unknown_user",
+                 id="unknown-user"),
+    pytest.param(lambda u: consume_body(u, "x", 1, "juggling"), 400, "unknown_operation_type", id="unknown-op-type"),
+    pytest.param(lambda u: consume_body(u, "x", 1, provider="nobody"), 400, "unknown_provider",
+                 id="unknown-provider"),
+    pytest.param(lambda u: consume_body(u, "x", 15_001), 402, "token_cap_exceeded", id="passes-cap"),
+    pytest.param(lambda u: consume_body(u, "b-1", 1), 400, "duplicate_operation", id="repeated-in-batch"),
+    pytest.param(lambda u: {**consume_body(u, "x", 1), "reservationId": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"},
+                 400, "invalid_request", id="reservation-in-batch"),
+]
+
+
+@pytest.mark.parametrize("bad_item,status,code", INVALID_ITEMS)
+def test_one_invalid_item_changes_nothing_and_is_named(api, users, bad_item, status, code):
+    ops = items_for(users[:1], 5)
+    ops.insert(3, bad_item(users[0]))
+    before = snapshot()
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == status, response.content
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert error["index"] == 3
+    assert "3" in error["message"]
+    assert snapshot() == before
+
+
+def test_an_item_reusing_a_recorded_operation_id_with_another_body_refuses_the_batch(api, users,
+                                                                                    recorded_elsewhere):
+    ops = [*items_for(users, 4), consume_body(users[1], "taken", 51)]
+    before = snapshot()
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "operation_id_conflict"
+    assert response.json()["error"]["index"] == 4
+    assert snapshot() == before
+
+
+def test_the_item_that_would_pass_the_cap_is_the_one_named(api, users, spend):
+    user = users[0]  # basic: cap 15,000
+    spend(user, 14_000)
+    ops = [consume_body(user, "a", 400), consume_body(users[1], "other", 5), consume_body(user, "b", 500),
+           consume_body(user, "c", 200), consume_body(user, "d", 1)]
+    before = snapshot()
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 402
+    assert response.json()["error"]["index"] == 3  # 14,000 + 400 + 500 fits; + 200 does not
+    assert snapshot() == before
+    ops[3]["tokens"] = 99  # now exactly the cap, with item 4
+    assert api.post(BATCH, {"operations": ops}, format="json").status_code == 201
+    assert current_period(user).used == 15_000
+
+
+def test_reserved_tokens_count_against_the_cap_in_a_batch(api, users):
+    user = users[0]
+    api.post("/api/tokens/check", {"userId": user.pk, "tokens": 14_990, "reserve": True}, format="json")
+    response = api.post(BATCH, {"operations": [consume_body(user, "a", 11)]}, format="json")
+    assert response.status_code == 402
+    assert api.post(BATCH, {"operations": [consume_body(user, "a", 10)]}, format="json").status_code == 201
+
+
+def test_a_refused_batch_is_audited(api, users):
+    ops = [*items_for(users[:1], 2), consume_body(users[0], "big", 15_001)]
+    api.post(BATCH, {"operations": ops}, format="json", HTTP_X_REQUEST_ID="batch-req-1")
+    row = AuditLog.objects.get(request_id="batch-req-1")
+    assert (row.user_id, row.result, row.tokens) == (users[0].pk, "token_cap_exceeded", 15_001)
+    assert row.detail["index"] == 2 and row.detail["items"] == 3
+    assert row.service_key_id is not None
+
+
+def _queries_for(api, ops) -> int:
+    with CaptureQueriesContext(connection) as ctx:
+        response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 201, response.content
+    return len(ctx.captured_queries)
+
+
+def test_query_count_does_not_grow_with_the_batch(api, make_user):
+    users = [make_user("pro") for _ in range(20)]
+    # open each user's period, as any earlier request this month would have
+    _queries_for(api, [consume_body(u, f"warm-{u.pk}", 1) for u in users])
+    small = _queries_for(api, items_for(users[:5], 10, "small"))
+    large = _queries_for(api, items_for(users, 200, "large"))
+    replays = _queries_for(api, items_for(users, 200, "large") + items_for(users, 10, "more"))
+    assert large == small, (small, large)
+    assert replays <= small + 1
+    assert LedgerEntry.objects.filter(operation_id__startswith="large-").count() == 200
+
+
+def test_one_user_large_batch_is_constant_too(api, make_user):
+    user = make_user("enterprise")
+    _queries_for(api, [consume_body(user, "warm", 1)])
+    assert _queries_for(api, items_for([user], 10, "s")) == _queries_for(api, items_for([user], 500, "l"))
+    assert ledger_reconcile() == []
