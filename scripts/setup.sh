@@ -29,4 +29,7 @@ if [ "$(cat "$_ct_stamp" 2>/dev/null)" != "$_ct_want" ]; then
   echo "$_ct_want" >"$_ct_stamp"
   echo "setup: installed in $((SECONDS - _ct_t0)) s"
 fi
+# The project's packages are imported from the project root (pyproject installs
+# none): make that hold for every process we start, whatever its working directory.
+case ":${PYTHONPATH:-}:" in *":$PWD:"*) ;; *) export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 unset _ct_extras _ct_stamp _ct_want _ct_t0
