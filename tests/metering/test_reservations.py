@@ -1,0 +1,172 @@
+"""Holds: placed by check+reserve, counted against the cap, settled by a consume,
+released, or expired by the cleanup job."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from metering.models import LedgerEntry, Reservation
+from metering.services import ledger_reconcile, reservations_expire_stale
+
+from .conftest import consume_body, current_period
+
+pytestmark = pytest.mark.django_db
+
+
+def reserve(api, user, tokens, **extra):
+    response = api.post("/api/tokens/check", {"userId": user.pk, "tokens": tokens, "reserve": True, **extra},
+                        format="json")
+    assert response.status_code == 200, response.content
+    return response.json()
+
+
+def release(api, user, reservation_id):
+    return api.post("/api/tokens/release", {"userId": user.pk, "reservationId": reservation_id}, format="json")
+
+
+@pytest.fixture
+def user(make_user):
+    return make_user("basic")  # limit 10,000, cap 15,000
+
+
+def test_a_hold_counts_against_the_cap(api, user, spend):
+    spend(user, 9_000)
+    hold = reserve(api, user, 5_000, operationType="consensus")
+    assert hold["sufficient"] is True
+    assert (hold["available"], hold["cap"]) == (1_000, 15_000)
+    assert hold["overage"] == 4_000  # 9,000 + 5,000 passes the 10,000 limit by 4,000
+    expires = timezone.datetime.fromisoformat(hold["expiresAt"].replace("Z", "+00:00"))
+    assert timedelta(minutes=14) < expires - timezone.now() <= timedelta(minutes=15)
+    usage = api.get(f"/api/tokens/usage?userId={user.pk}").json()
+    assert (usage["used"], usage["reserved"], usage["available"]) == (9_000, 5_000, 1_000)
+    check = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 1_001}, format="json").json()
+    assert check["sufficient"] is False and check["available"] == 1_000
+    refused = api.post("/api/tokens/consume", consume_body(user, "too-much", 1_001), format="json")
+    assert refused.status_code == 402
+    second = reserve(api, user, 1_001)
+    assert second["sufficient"] is False and "reservationId" not in second
+    assert api.post("/api/tokens/consume", consume_body(user, "fits", 1_000), format="json").status_code == 201
+    assert ledger_reconcile() == []
+
+
+def test_a_custom_ttl(api, user):
+    hold = reserve(api, user, 10, ttlSeconds=60)
+    reservation = Reservation.objects.get(pk=hold["reservationId"])
+    assert reservation.expires_at - reservation.created_at == timedelta(seconds=60)
+
+
+def test_settling_records_the_actual_tokens_even_past_the_cap_and_frees_the_hold(api, user, spend):
+    spend(user, 14_000)
+    hold = reserve(api, user, 1_000, operationId="run-1")
+    body = consume_body(user, "run-1", 1_700, "consensus", provider="anthropic", model="claude-sonnet-4",
+                        reservationId=hold["reservationId"], estimatedTokens=1_000)
+    response = api.post("/api/tokens/consume", body, format="json")
+    assert response.status_code == 201, response.content
+    usage = response.json()["usage"]
+    assert (usage["used"], usage["reserved"], usage["cap"]) == (15_700, 0, 15_000)
+    assert usage["status"] == "exceeded" and usage["overage"]["tokens"] == 5_700
+    reservation = Reservation.objects.get(pk=hold["reservationId"])
+    assert reservation.status == "settled" and reservation.finished_at is not None
+    entry = LedgerEntry.objects.get(operation_id="run-1", kind="consumption")
+    assert (entry.used_delta, entry.reserved_delta, entry.reservation_id) == (1_700, -1_000, reservation.pk)
+    assert (entry.estimated_tokens, entry.actual_tokens) == (1_000, 1_700)
+    # a replay of the settle answers the same and charges nothing
+    again = api.post("/api/tokens/consume", body, format="json")
+    assert again.status_code == 200 and again.json() == response.json()
+    assert current_period(user).used == 15_700
+    assert ledger_reconcile() == []
+
+
+def test_settling_below_the_hold_frees_the_difference(api, user):
+    hold = reserve(api, user, 2_000)
+    api.post("/api/tokens/consume", consume_body(user, "small", 300, reservationId=hold["reservationId"]),
+             format="json")
+    period = current_period(user)
+    assert (period.used, period.reserved) == (300, 0)
+
+
+def test_release_frees_the_hold_and_is_idempotent(api, user):
+    hold = reserve(api, user, 700, operationId="to-release")
+    first = release(api, user, hold["reservationId"])
+    assert first.status_code == 200
+    assert first.json() == {"reservationId": hold["reservationId"], "status": "released", "tokens": 700}
+    assert current_period(user).reserved == 0
+    second = release(api, user, hold["reservationId"])
+    assert second.status_code == 200 and second.json() == first.json()
+    assert LedgerEntry.objects.filter(kind="release", reservation_id=hold["reservationId"]).count() == 1
+    assert current_period(user).reserved == 0
+    assert ledger_reconcile() == []
+
+
+def test_a_released_hold_cannot_be_settled(api, user):
+    hold = reserve(api, user, 700)
+    release(api, user, hold["reservationId"])
+    response = api.post("/api/tokens/consume", consume_body(user, "late", 10, reservationId=hold["reservationId"]),
+                        format="json")
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "reservation_expired"
+    assert current_period(user).used == 0
+
+
+def test_releasing_a_settled_hold_is_409(api, user):
+    hold = reserve(api, user, 500)
+    api.post("/api/tokens/consume", consume_body(user, "done", 400, reservationId=hold["reservationId"]),
+             format="json")
+    response = release(api, user, hold["reservationId"])
+    assert response.status_code == 409
+    assert response.json()["error"]["code"] == "reservation_expired"
+    period = current_period(user)
+    assert (period.used, period.reserved) == (400, 0)
+    assert ledger_reconcile() == []
+
+
+def test_someone_elses_reservation_is_not_found(api, user, make_user):
+    other = make_user()
+    hold = reserve(api, other, 100)
+    response = release(api, user, hold["reservationId"])
+    assert response.status_code == 404 and response.json()["error"]["code"] == "reservation_not_found"
+    settle = api.post("/api/tokens/consume", consume_body(user, "x", 1, reservationId=hold["reservationId"]),
+                      format="json")
+    assert settle.status_code == 404 and settle.json()["error"]["code"] == "reservation_not_found"
+    assert current_period(other).reserved == 100
+
+
+def test_reserving_twice_with_one_operation_id_returns_the_same_hold(api, user):
+    first = reserve(api, user, 800, operationId="op-once")
+    second = reserve(api, user, 800, operationId="op-once")
+    assert second["reservationId"] == first["reservationId"]
+    assert second["sufficient"] is True
+    assert current_period(user).reserved == 800
+    assert Reservation.objects.filter(operation_id="op-once").count() == 1
+
+
+def test_holds_without_operation_id_are_independent(api, user):
+    a, b = reserve(api, user, 100), reserve(api, user, 100)
+    assert a["reservationId"] != b["reservationId"]
+    assert current_period(user).reserved == 200
+
+
+def test_stale_holds_expire_and_cannot_be_settled(api, user):
+    start = timezone.now()
+    stale = reserve(api, user, 900, operationId="stale")
+    fresh = reserve(api, user, 100, operationId="fresh", ttlSeconds=3600)
+    assert reservations_expire_stale() == 0  # nothing is stale yet
+    with time_machine.travel(start + timedelta(minutes=16), tick=False):
+        assert reservations_expire_stale() == 1
+        assert reservations_expire_stale() == 0  # safe to run twice
+        assert Reservation.objects.get(pk=stale["reservationId"]).status == "expired"
+        assert Reservation.objects.get(pk=fresh["reservationId"]).status == "held"
+        assert current_period(user).reserved == 100
+        settle = api.post("/api/tokens/consume",
+                          consume_body(user, "stale", 950, reservationId=stale["reservationId"]), format="json")
+        assert settle.status_code == 409
+        assert settle.json()["error"]["code"] == "reservation_expired"
+        assert release(api, user, stale["reservationId"]).status_code == 409
+        # the operation can still be recorded, without the hold, under the cap
+        assert api.post("/api/tokens/consume", consume_body(user, "stale", 950), format="json").status_code == 201
+    assert current_period(user).used == 950
+    assert LedgerEntry.objects.get(kind="release", reservation_id=stale["reservationId"]).reason == "expired"
+    assert ledger_reconcile() == []
