@@ -3,6 +3,7 @@ from django.http import JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 
+from consensus_tokens import health, metrics
 from consensus_tokens.errors import error_body
 
 
@@ -30,5 +31,8 @@ urlpatterns = [
     path("accounts/", include("django.contrib.auth.urls")),
     path("api/tokens/", include("metering.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("health/live", health.live, name="health-live"),
+    path("health/ready", health.ready, name="health-ready"),
+    path("metrics", metrics.metrics_view, name="metrics"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),
 ]

@@ -33,10 +33,13 @@ INSTALLED_APPS = [
     "metering",
     "billing",
     "alerts",
+    "consensus_tokens.apps.OpsConfig",
 ]
 
 MIDDLEWARE = [
     "consensus_tokens.middleware.RequestIdMiddleware",
+    "consensus_tokens.logging.RequestLogMiddleware",
+    "consensus_tokens.metrics.RequestMetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -44,6 +47,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "consensus_tokens.ratelimit.RateLimitMiddleware",
 ]
 
 ROOT_URLCONF = "consensus_tokens.urls"
@@ -80,10 +84,34 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "TIMEOUT": 3600,
-        }
+        },
+        # Rate limit counters: short timeouts, so an unreachable Redis fails open quickly.
+        "ratelimit": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": env("RATELIMIT_REDIS_URL", default=REDIS_URL),
+            "OPTIONS": {"socket_connect_timeout": 0.25, "socket_timeout": 0.25},
+        },
     }
 else:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"},
+              "ratelimit": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "ratelimit"}}
+
+# Rate limits (consensus_tokens/ratelimit.py): per user by tier and per service key on
+# the token API; per client IP on POSTs to these paths (sign-in, password reset).
+RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)
+RATELIMIT_USE_CACHE = "ratelimit"
+RATELIMIT_FAIL_OPEN = True
+RATELIMIT_TIER_CACHE_SECONDS = env.float("RATELIMIT_TIER_CACHE_SECONDS", default=5)
+RATELIMIT_RETRY_SECONDS = env.float("RATELIMIT_RETRY_SECONDS", default=2)
+RATELIMIT_WARNING_INTERVAL = env.float("RATELIMIT_WARNING_INTERVAL", default=10)
+RATELIMIT_API_PREFIXES = ("/api/tokens/",)
+RATELIMIT_IP_PATHS = {
+    "/accounts/login/": env("RATELIMIT_LOGIN_RATE", default="10/m"),
+    "/admin/login/": env("RATELIMIT_LOGIN_RATE", default="10/m"),
+    "/accounts/password_reset/": env("RATELIMIT_PASSWORD_RESET_RATE", default="5/h"),
+}
+# Prometheus endpoint (/metrics): when set, scrapes must send `Authorization: Bearer <token>`.
+METRICS_TOKEN = env("METRICS_TOKEN", default="")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -117,7 +145,9 @@ REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "consensus_tokens.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Limits only the paths in RATELIMIT_API_PREFIXES (consensus_tokens/ratelimit.py).
+    "DEFAULT_THROTTLE_CLASSES": ["consensus_tokens.ratelimit.TokenRateThrottle"],
+    "DEFAULT_SCHEMA_CLASS": "consensus_tokens.schema.AutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
 SPECTACULAR_SETTINGS = {
@@ -170,7 +200,12 @@ DJSTRIPE_USE_NATIVE_JSONFIELD = True
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "consensus_tokens.logging.RequestIdFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "json": {"()": "consensus_tokens.logging.JsonFormatter"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": env("LOG_FORMAT", default="plain"),
+                             "filters": ["request_id"]}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
 }
