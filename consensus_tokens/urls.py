@@ -29,6 +29,7 @@ handler500 = server_error
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("alerts/", include("alerts.urls")),
     path("api/tokens/", include("metering.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("health/live", health.live, name="health-live"),

@@ -135,6 +135,22 @@ vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
 DEFAULT_FROM_EMAIL = env("DEFAULT_FROM_EMAIL", default="Consensus Tokens <noreply@consensus.local>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 ADMINS = [("Staff", a) for a in env.list("STAFF_EMAILS", default=["staff@consensus.local"])]
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)  # an SMTP server that hangs must not hang a worker
+
+# Alerts and scheduled jobs (alerts/)
+ALERT_THRESHOLDS = sorted(env.list("ALERT_THRESHOLDS", cast=int, default=[75, 90, 100]))  # % of the limit
+ALERTS_MAX_ATTEMPTS = env.int("ALERTS_MAX_ATTEMPTS", default=8)
+ALERTS_RESEND_EVERY_SECONDS = env.int("ALERTS_RESEND_EVERY_SECONDS", default=300)
+# A recorded alert still unsent this long after it was recorded is sent by the periodic job.
+ALERTS_RESEND_GRACE_SECONDS = env.int("ALERTS_RESEND_GRACE_SECONDS", default=120)
+ALERTS_CLAIM_STALE_SECONDS = env.int("ALERTS_CLAIM_STALE_SECONDS", default=600)
+ALERTS_SUMMARY_LOOKBACK_DAYS = env.int("ALERTS_SUMMARY_LOOKBACK_DAYS", default=7)
+AUDIT_RETENTION_DAYS = env.int("AUDIT_RETENTION_DAYS", default=365)
+WEBHOOK_RETENTION_DAYS = env.int("WEBHOOK_RETENTION_DAYS", default=90)
+ANOMALY_MULTIPLIER = env.int("ANOMALY_MULTIPLIER", default=5)
+ANOMALY_MIN_TOKENS = env.int("ANOMALY_MIN_TOKENS", default=5000)
+ANOMALY_REFUSED_MIN = env.int("ANOMALY_REFUSED_MIN", default=30)
+ANOMALY_HOLD = env.bool("ANOMALY_HOLD", default=False)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -13,6 +13,7 @@ from .context import SYSTEM, RequestContext
 from .estimates import provider_calibrate, tokens_estimate
 from .keys import service_key_create, service_key_revoke
 from .reconcile import Drift, ledger_reconcile
+from .rollover import periods_rollover  # noqa: F401  (alerts' rollover job)
 from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollup_verify
 from .staff import account_change_tier, period_reset, usage_adjust, usage_grant
 from .usage import (

@@ -1,0 +1,12 @@
+"""Entry points from metering's signals. A receiver calls one alerts service and
+nothing else; it runs inside the transaction that changed the usage."""
+from django.dispatch import receiver
+
+from metering.signals import usage_recorded
+
+from .services import alert_crossings_record
+
+
+@receiver(usage_recorded, dispatch_uid="alerts.usage_recorded")
+def on_usage_recorded(sender, period, used_before, **kwargs):
+    alert_crossings_record(period=period, used_before=used_before)
