@@ -70,9 +70,11 @@ class Usage:
 
     @property
     def percentage(self) -> float:
+        """Used / limit in %, rounded down to 0.01: never shows a threshold (and so a
+        status) as reached before it is, e.g. 49,999 of 50,000 is 99.99, not 100."""
         if self.limit <= 0:
             return 100.0 if self.cap <= 0 or self.used > 0 else 0.0
-        return round(max(0, self.used) * 100 / self.limit, 2)
+        return (max(0, self.used) * 10_000 // self.limit) / 100
 
     @property
     def status(self) -> str:
