@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView
 
 from consensus_tokens import health, metrics
 from consensus_tokens.errors import error_body
+from metering import dashboard
 
 
 def not_found(request, exception=None):
@@ -28,7 +29,9 @@ handler500 = server_error
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("", dashboard.home, name="home"),
     path("accounts/", include("django.contrib.auth.urls")),
+    path("dashboard/", include("metering.dashboard_urls")),
     path("alerts/", include("alerts.urls")),
     path("api/tokens/", include("metering.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
@@ -36,4 +39,5 @@ urlpatterns = [
     path("health/ready", health.ready, name="health-ready"),
     path("metrics", metrics.metrics_view, name="metrics"),
     path("stripe/", include("djstripe.urls", namespace="djstripe")),
+    path("billing/", include("billing.urls")),
 ]

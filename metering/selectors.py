@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from consensus_tokens.errors import UnknownUser
 
-from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, UsagePeriod
+from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Tier, UsagePeriod
 
 
 def _as_datetime(value: date | datetime, *, end: bool = False) -> datetime:
@@ -262,6 +262,15 @@ def period_summary(*, period: UsagePeriod, previous: UsagePeriod | None) -> Peri
 
 
 # --- periods, activity, forecast -----------------------------------------------------------------
+
+def operation_types_active() -> list[str]:
+    return list(OperationType.objects.filter(active=True).order_by("slug").values_list("slug", flat=True))
+
+
+def tiers_for_plans() -> list[Tier]:
+    """Every tier, smallest first, for the plan card."""
+    return list(Tier.objects.order_by("monthly_token_limit", "pk"))
+
 
 def periods_recent(*, account_id: int, limit: int = 24) -> list[UsagePeriod]:
     """The account's latest periods, newest first (a bounded list for the picker)."""
