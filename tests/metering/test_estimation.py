@@ -1,0 +1,238 @@
+"""Estimation: exact tiktoken counts for OpenAI models, ratio floor and learned
+calibration for other providers, offline encodings, and the estimate cache."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from decimal import Decimal
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import redis
+import tiktoken
+from django.conf import settings
+
+from metering import estimation
+from metering.encodings import seed_cache
+from metering.models import Provider
+from metering.services import provider_calibrate
+
+from .conftest import consume_body
+
+ROOT = Path(__file__).resolve().parents[2]
+ENGLISH = ("The committee reviewed three independent analyses of the quarterly figures and found that, "
+           "despite minor disagreements about seasonal adjustment, all of them pointed to steady growth. ")
+CJK = "多个模型对同一问题给出答案后，系统会比较它们的推理过程并找出共识。" * 20 + "東京の天気は晴れです。" * 20
+CYRILLIC = "Несколько моделей отвечают на один и тот же вопрос, а система ищет согласие между ними. " * 10
+OPENAI_MODELS = [("gpt-4o", "o200k_base"), ("gpt-4o-mini", "o200k_base"), ("gpt-4.1", "o200k_base"),
+                 ("gpt-4.1-mini", "o200k_base"), ("o3", "o200k_base"), ("o1", "o200k_base"),
+                 ("gpt-4", "cl100k_base"), ("gpt-4-0613", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"),
+                 (None, "o200k_base"), ("some-future-model", "o200k_base")]
+TIKTOKEN_URLS = {"cl100k_base": "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken",
+                 "o200k_base": "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"}
+TIKTOKEN_HASHES = {"cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+                   "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"}
+
+ANTHROPIC = estimation.ProviderRules(slug="anthropic", exact=False, default_encoding="cl100k_base",
+                                     chars_per_token=Decimal("3.5"), words_per_token=Decimal("0.7"))
+
+
+def reference_count(encoding: str, text: str) -> int:
+    """tiktoken itself (the files were put in its cache by the app; tiktoken checks their hash)."""
+    estimation.get_encoding(encoding, settings.TIKTOKEN_CACHE_DIR)
+    return len(tiktoken.get_encoding(encoding).encode_ordinary(text))
+
+
+def ratio_floor(text: str) -> int:
+    return max(math.ceil(Fraction(len(text)) / Fraction(7, 2)), math.ceil(Fraction(len(text.split())) / Fraction(7, 10)))
+
+
+def estimate_body(user, **overrides) -> dict:
+    return {"userId": user.pk, "operationType": "summary", "provider": "openai", "topic": ENGLISH,
+            "sources": [CYRILLIC, "short source"], **overrides}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model,encoding", OPENAI_MODELS)
+def test_openai_counts_exactly_with_the_models_encoding(api, make_user, model, encoding):
+    user = make_user()
+    body = estimate_body(user, **({"model": model} if model else {}))
+    response = api.post("/api/tokens/estimate", body, format="json")
+    assert response.status_code == 200, response.content
+    result = response.json()
+    text = "\n".join([ENGLISH, CYRILLIC, "short source"])
+    expected = reference_count(encoding, text)
+    if model and model != "some-future-model":  # an unknown model falls back to the provider's default
+        assert tiktoken.encoding_name_for_model(model) == encoding
+    assert result["encoding"] == encoding
+    assert result["breakdown"] == {"base": 100, "content": expected}
+    assert result["tokens"] == 100 + expected
+    assert (result["provider"], result["method"], result["cached"]) == ("openai", "exact", False)
+
+
+def test_the_two_encodings_really_differ_on_this_text():
+    text = "\n".join([ENGLISH, CYRILLIC, CJK])
+    assert reference_count("o200k_base", text) != reference_count("cl100k_base", text)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("operation_type,base", [("consensus", 500), ("analysis", 200), ("summary", 100),
+                                                  ("comparison", 300)])
+def test_base_cost_per_operation_type(api, make_user, operation_type, base):
+    user = make_user()
+    empty = api.post("/api/tokens/estimate", estimate_body(user, operationType=operation_type, topic="", sources=[]),
+                     format="json").json()
+    assert empty["tokens"] == base and empty["breakdown"] == {"base": base, "content": 0}
+    full = api.post("/api/tokens/estimate", estimate_body(user, operationType=operation_type, topic="hello world"),
+                    format="json").json()
+    assert full["breakdown"]["base"] == base and full["tokens"] == base + full["breakdown"]["content"]
+
+
+@pytest.mark.parametrize("text,dominant", [
+    (ENGLISH * 5, "chars"),
+    ("a " * 1000, "words"),
+    (CJK, "tiktoken"),
+    (CYRILLIC, "tiktoken"),
+])
+def test_uncalibrated_providers_take_the_larger_of_ratios_and_encoding(text, dominant):
+    result = estimation.estimate(base_tokens=300, rules=ANTHROPIC, model=None, topic=text, sources=[],
+                                 cache_dir=settings.TIKTOKEN_CACHE_DIR)
+    counted = reference_count("cl100k_base", text)
+    by_chars = math.ceil(Fraction(len(text)) / Fraction(7, 2))
+    by_words = math.ceil(Fraction(len(text.split())) / Fraction(7, 10))
+    assert result.content == max(counted, by_chars, by_words)
+    assert result.content == {"chars": by_chars, "words": by_words, "tiktoken": counted}[dominant]
+    assert (result.tokens, result.base, result.method, result.encoding) == (
+        300 + result.content, 300, "calibrated+ratio-floor", "cl100k_base")
+
+
+@pytest.mark.parametrize("text", [CJK, CYRILLIC, ENGLISH * 3], ids=["cjk", "cyrillic", "english"])
+@pytest.mark.parametrize("rules", [ANTHROPIC, estimation.ProviderRules(
+    slug="other", exact=False, default_encoding="cl100k_base", chars_per_token=Decimal("4"),
+    words_per_token=Decimal("0.75"))], ids=["anthropic", "4-chars"])
+def test_non_latin_text_is_not_underestimated(text, rules):
+    """A chars ratio alone is far low on CJK; the estimate never goes below the encoding's count."""
+    result = estimation.estimate(base_tokens=0, rules=rules, model=None, topic=text, sources=[],
+                                 cache_dir=settings.TIKTOKEN_CACHE_DIR)
+    assert result.content >= reference_count("cl100k_base", text)
+    if text is CJK:
+        assert result.content > 1.5 * math.ceil(len(text) / float(rules.chars_per_token))
+
+
+def test_topic_and_sources_are_counted_together():
+    rules = estimation.ProviderRules(slug="openai", exact=True, default_encoding="o200k_base",
+                                     chars_per_token=Decimal("4"), words_per_token=Decimal("0.75"))
+    result = estimation.estimate(base_tokens=0, rules=rules, model="gpt-4o", topic="Topic line",
+                                 sources=["first source", "second source"], cache_dir=settings.TIKTOKEN_CACHE_DIR)
+    assert result.content == reference_count("o200k_base", "Topic line\nfirst source\nsecond source")
+
+
+@pytest.mark.django_db
+def test_calibration_learns_from_settled_operations(api, make_user):
+    user = make_user("enterprise")
+    anthropic = Provider.objects.get(slug="anthropic")
+    text = "a " * 1000  # the words ratio (1,429) is above the encoding count x 1.3
+    before = api.post("/api/tokens/estimate", estimate_body(user, provider="anthropic", topic=text, sources=[]),
+                      format="json").json()
+    assert before["method"] == "calibrated+ratio-floor"
+    assert before["breakdown"]["content"] == ratio_floor(text) == 1_429
+
+    # 25 operations settle with 30% more tokens than estimated (and one other provider, ignored)
+    ops = [consume_body(user, f"cal-{i}", 130, provider="anthropic", estimatedTokens=100) for i in range(25)]
+    ops.append(consume_body(user, "cal-openai", 500, provider="openai", estimatedTokens=100))
+    assert api.post("/api/tokens/consume/batch", {"operations": ops}, format="json").status_code == 201
+    calibrated = provider_calibrate(provider=anthropic)
+    assert calibrated.calibration_factor == Decimal("1.30000")
+    assert calibrated.calibration_samples == 25
+    assert calibrated.recent_error == Decimal("0.23077")  # |130 - 100| / 130
+    assert calibrated.calibrated_at is not None
+
+    after = api.post("/api/tokens/estimate", estimate_body(user, provider="anthropic", topic=text, sources=[]),
+                     format="json").json()
+    assert after["cached"] is False  # the factor is part of the cache key
+    assert after["method"] == "calibrated"
+    counted = reference_count("cl100k_base", text)
+    assert after["breakdown"]["content"] == math.ceil(Fraction(counted) * Fraction(13, 10)) < 1_429
+
+    # a second run reads only what settled since, and moves at most x2 per run
+    assert provider_calibrate(provider=anthropic).calibration_factor == Decimal("1.30000")
+    more = [consume_body(user, f"cal2-{i}", 1_000, provider="anthropic", estimatedTokens=100) for i in range(3)]
+    api.post("/api/tokens/consume/batch", {"operations": more}, format="json")
+    again = provider_calibrate(provider=anthropic)
+    assert again.calibration_factor == Decimal("2.60000") and again.calibration_samples == 28
+
+
+@pytest.mark.django_db
+def test_exact_providers_are_not_calibrated(api, make_user):
+    user = make_user()
+    api.post("/api/tokens/consume", consume_body(user, "o", 500, provider="openai", estimatedTokens=100),
+             format="json")
+    openai = provider_calibrate(provider=Provider.objects.get(slug="openai"))
+    assert openai.calibration_factor == Decimal("1") and openai.calibration_samples == 0
+
+
+@pytest.mark.django_db
+def test_estimates_are_cached_in_redis_by_their_inputs(api, make_user):
+    assert settings.CACHES["default"]["BACKEND"].endswith("RedisCache")
+    user = make_user()
+    body = estimate_body(user, model="gpt-4o")
+    first = api.post("/api/tokens/estimate", body, format="json").json()
+    second = api.post("/api/tokens/estimate", body, format="json").json()
+    assert first["cached"] is False and second["cached"] is True
+    assert {**first, "cached": True} == second
+    keys = redis.Redis.from_url(settings.REDIS_URL).keys("*estimate:*")
+    assert len(keys) == 1
+
+    variants = [
+        {"topic": ENGLISH + "!"},
+        {"model": "gpt-4"},
+        {"operationType": "analysis"},
+        {"provider": "anthropic"},
+        # the same text split differently between topic and sources
+        {"topic": ENGLISH + "\n" + CYRILLIC, "sources": ["short source"]},
+        {"topic": ENGLISH, "sources": [CYRILLIC + "\nshort source"]},
+        {"topic": ENGLISH, "sources": [CYRILLIC, "short source", ""]},
+    ]
+    for change in variants:
+        result = api.post("/api/tokens/estimate", {**body, **change}, format="json").json()
+        assert result["cached"] is False, change
+    assert len(redis.Redis.from_url(settings.REDIS_URL).keys("*estimate:*")) == 1 + len(variants)
+
+
+def test_seed_cache_puts_the_packaged_encodings_where_tiktoken_looks(tmp_path):
+    for name, url in TIKTOKEN_URLS.items():
+        assert seed_cache(str(tmp_path), name) is True
+        target = tmp_path / hashlib.sha1(url.encode()).hexdigest()
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == TIKTOKEN_HASHES[name]
+        assert seed_cache(str(tmp_path), name) is True  # again: already there
+    assert seed_cache(str(tmp_path), "r50k_base") is False  # not packaged: tiktoken downloads it as usual
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_encodings_load_offline_from_an_empty_cache(tmp_path):
+    """In a fresh process with no network at all, estimation still counts exactly."""
+    script = textwrap.dedent(f"""
+        import socket
+
+        def offline(*args, **kwargs):
+            raise OSError("network disabled in this test")
+
+        socket.socket.connect = offline
+        socket.create_connection = offline
+        socket.getaddrinfo = offline
+        from metering.encodings import get_encoding
+        for name in ("o200k_base", "cl100k_base"):
+            print(name, len(get_encoding(name, {str(tmp_path)!r}).encode_ordinary({ENGLISH!r})))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    counts = dict(line.split() for line in done.stdout.splitlines())
+    assert counts == {name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")}
+    assert len(list(tmp_path.iterdir())) == 2
