@@ -20,9 +20,13 @@ from django.conf import settings
 from django.db import transaction
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from consensus_tokens.errors import error_body
+
+# No `*_created` series: they double what is scraped and nothing here reads them.
+disable_created_metrics()
 
 # --- request metrics -----------------------------------------------------------------------------
 
@@ -81,7 +85,8 @@ class RequestMetricsMiddleware:
 # --- state read from the database at scrape time -------------------------------------------------
 
 class DatabaseCollector:
-    """Reservations by status and Stripe webhook triggers by outcome, from the database."""
+    """Reservations by status, Stripe webhook triggers by outcome and alert events by
+    kind and status, counted in the database (the same whichever worker is scraped)."""
 
     def collect(self):
         from django.db.models import Count, Q, Sum
@@ -111,6 +116,13 @@ class DatabaseCollector:
         for result, n in triggers.items():
             stored.add_metric([result], n)
         yield stored
+        from alerts.models import AlertEvent
+
+        events = CounterMetricFamily("ct_alert_events", "Alerts recorded, by kind and delivery status.",
+                                     labels=["kind", "status"])
+        for kind, status, n in AlertEvent.objects.values_list("kind", "status").annotate(n=Count("id")).order_by():
+            events.add_metric([kind, status], n)
+        yield events
 
 
 def _registry() -> CollectorRegistry:
@@ -164,6 +176,14 @@ def connect_receivers() -> None:
     from djstripe import signals as djstripe_signals
 
     from metering.signals import usage_recorded
+
+    # Known label values start at 0, so a scrape shows them before the first event.
+    for result in ("processed", "failed", "invalid"):
+        webhooks.labels(result=result)
+    from alerts.models import AlertEvent
+
+    for kind in AlertEvent.Kind.values:
+        alerts_sent.labels(kind=kind)
 
     usage_recorded.connect(_on_usage_recorded, dispatch_uid="metrics.tokens_consumed")
     djstripe_signals.webhook_post_validate.connect(_on_webhook_validated, dispatch_uid="metrics.webhook_valid")
