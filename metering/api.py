@@ -316,8 +316,15 @@ class ReleaseApi(JsonApi):
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, 409: ErrorOutput, **ERRORS})
     def post(self, request: Request) -> Response:
         data = _valid(self.InputSerializer, request)
-        reservation = services.reservation_release(user_id=data["userId"], reservation_id=str(data["reservationId"]),
-                                                   ctx=request_context(request))
+        ctx = request_context(request)
+        try:
+            reservation = services.reservation_release(user_id=data["userId"],
+                                                       reservation_id=str(data["reservationId"]), ctx=ctx)
+        except ApplicationError as error:
+            if error.code != "unknown_user":
+                services.audit_record(ctx=ctx, user_id=data["userId"], action="release", result=error.code,
+                                      detail={"reservationId": str(data["reservationId"])})
+            raise
         return Response({"reservationId": str(reservation.pk), "status": reservation.status,
                          "tokens": reservation.tokens})
 

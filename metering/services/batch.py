@@ -85,6 +85,7 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
     }
     results: dict[int, BatchItemResult] = {}
     fresh: list[tuple[int, ConsumeRequest]] = []
+    replay_audits: list[AuditLog] = []
     for i, r in enumerate(requests):
         entry = existing.get((accounts[r.user_id].pk, r.operation_id))
         if entry is None:
@@ -94,6 +95,9 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
                                code="operation_id_conflict", status=409, index=i)
         else:
             results[i] = BatchItemResult(i, {**entry.response, "entryId": entry.pk}, replayed=True)
+            replay_audits.append(audit_row(ctx=ctx, user_id=r.user_id, action="consume", result="replayed",
+                                           tokens=r.tokens, operation_type=r.operation_type,
+                                           operation_id=r.operation_id, detail={"batch": True}))
 
     delta: dict[int, int] = defaultdict(int)
     for _, r in fresh:
@@ -124,7 +128,7 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
                                     operation_type=r.operation_type, operation_id=r.operation_id,
                                     detail={"batch": True}))
         LedgerEntry.objects.bulk_create(entries)
-        AuditLog.objects.bulk_create(audits)
+        AuditLog.objects.bulk_create(audits + replay_audits)
         for (i, body), entry in zip(bodies, entries):
             results[i] = BatchItemResult(i, {**body, "entryId": entry.pk}, replayed=False)
         for pk, d in delta.items():

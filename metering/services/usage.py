@@ -315,6 +315,8 @@ def _replay(account: Account, request: ConsumeRequest, ctx: RequestContext) -> C
         audit_record(ctx=ctx, user_id=request.user_id, action="consume", result="operation_id_conflict",
                      tokens=request.tokens, operation_type=request.operation_type, operation_id=request.operation_id)
         raise OperationIdConflict(f"Operation {request.operation_id} was already recorded with a different body.")
+    audit_record(ctx=ctx, user_id=request.user_id, action="consume", result="replayed", tokens=request.tokens,
+                 operation_type=request.operation_type, operation_id=request.operation_id)
     return ConsumeResult({**entry.response, "entryId": entry.pk}, replayed=True)
 
 
