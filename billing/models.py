@@ -1,0 +1,130 @@
+"""Billing state kept beside metering: which Stripe customer and subscription an
+account follows, which Stripe prices stand for which tier, and the overage we
+invoiced for each usage period.
+
+Metering owns the account's tier, status and periods; billing only changes them
+through metering's services. Stripe objects themselves live in dj-stripe's
+models (synced from Stripe); these rows keep what *we* decided from them.
+"""
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from metering.models import Account, Tier, UsagePeriod
+
+
+class TierPrice(models.Model):
+    """A Stripe Price that buys a tier. `setup_stripe` creates one per tier and
+    interval (lookup key `<tier>_<interval>`); rows for prices replaced later stay,
+    so subscribers on an old price still map to their tier."""
+
+    class Interval(models.TextChoices):
+        MONTH = "month", "Monthly"
+        YEAR = "year", "Yearly"
+
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="stripe_prices")
+    interval = models.CharField(max_length=5, choices=Interval.choices)
+    lookup_key = models.CharField(max_length=80)
+    stripe_price_id = models.CharField(max_length=255, unique=True)
+    unit_amount_cents = models.PositiveIntegerField()
+    active = models.BooleanField(default=True, help_text="The price checkout uses for this tier and interval.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["tier", "interval"], condition=Q(active=True),
+                                    name="tierprice_one_active_per_interval"),
+        ]
+        ordering = ["tier__monthly_token_limit", "interval"]
+
+    def __str__(self) -> str:
+        return f"{self.lookup_key} ({self.stripe_price_id})"
+
+
+class BillingAccount(models.Model):
+    """The link between a metering account and its Stripe customer and
+    subscription, with what we last applied from Stripe.
+
+    `current_period_start` only moves forward: a webhook whose (re-fetched)
+    subscription shows an older period than this is stale and changes nothing.
+    """
+
+    account = models.OneToOneField(Account, on_delete=models.CASCADE, related_name="billing")
+    stripe_customer_id = models.CharField(max_length=255, unique=True, null=True, blank=True)
+    stripe_subscription_id = models.CharField(max_length=255, blank=True, default="", db_index=True)
+    stripe_price_id = models.CharField(max_length=255, blank=True, default="")
+    subscription_status = models.CharField(max_length=30, blank=True, default="")
+    current_period_start = models.DateTimeField(null=True, blank=True)
+    current_period_end = models.DateTimeField(null=True, blank=True)
+    interval = models.CharField(max_length=5, blank=True, default="", help_text="month or year")
+    cancel_at_period_end = models.BooleanField(default=False)
+    # Start of the first period under a subscription: periods before it were calendar
+    # months nobody bills through Stripe.
+    billing_started_at = models.DateTimeField(null=True, blank=True)
+    # A downgrade waits for the next period; this is the tier it will bring.
+    pending_tier = models.ForeignKey(Tier, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # Set when the subscription is deleted: access ends here.
+    paid_through = models.DateTimeField(null=True, blank=True)
+    access_ended_at = models.DateTimeField(null=True, blank=True)
+    # First failed payment not yet followed by a successful one (the grace clock).
+    payment_failed_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.account.user} · {self.stripe_customer_id or 'no customer'}"
+
+    @property
+    def has_subscription(self) -> bool:
+        return bool(self.stripe_subscription_id)
+
+
+class OverageInvoice(models.Model):
+    """One Stripe invoice item for overage of one usage period.
+
+    `through_tokens` is a cursor: the period's overage tokens billed up to and
+    including this item. The amount is round_half_up(through × rate) minus what
+    earlier items of the period already billed, so the period is rounded once
+    however many items (early billing past a threshold) it took. The idempotency
+    key is derived from the period and the cursor, and the row is committed as
+    STARTED before Stripe is called: a crash between Stripe's answer and our
+    commit is resumed with the same key, and Stripe answers with the same item.
+    """
+
+    class State(models.TextChoices):
+        STARTED = "started", "Started (Stripe call in flight or crashed)"
+        CREATED = "created", "Invoice item created"
+        PAID = "paid", "Paid"
+        FAILED = "failed", "Payment failed"
+
+    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="overage_invoices")
+    billing_account = models.ForeignKey(BillingAccount, on_delete=models.PROTECT, related_name="overage_invoices")
+    through_tokens = models.BigIntegerField()
+    tokens = models.BigIntegerField()
+    rate = models.DecimalField(max_digits=12, decimal_places=6)
+    amount_cents = models.PositiveIntegerField()
+    currency = models.CharField(max_length=3, default="usd")
+    idempotency_key = models.CharField(max_length=120, unique=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.STARTED, db_index=True)
+    reason = models.CharField(max_length=20, default="period_end",
+                              help_text="period_end, upcoming_invoice or threshold.")
+    # The exact parameters sent to Stripe, so a resumed call repeats them verbatim
+    # (Stripe refuses an idempotency key reused with different parameters).
+    stripe_params = models.JSONField(default=dict)
+    stripe_invoice_item_id = models.CharField(max_length=255, blank=True, default="")
+    stripe_invoice_id = models.CharField(max_length=255, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["period", "through_tokens"], name="overage_one_item_per_cursor"),
+            models.CheckConstraint(condition=Q(tokens__gt=0), name="overage_tokens_positive"),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.tokens} tokens · {self.amount_cents}¢ · {self.state}"

@@ -213,6 +213,13 @@ DJSTRIPE_FOREIGN_KEY_TO_FIELD = "id"
 DJSTRIPE_WEBHOOK_VALIDATION = "verify_signature"
 DJSTRIPE_USE_NATIVE_JSONFIELD = True
 
+# Billing
+# Days after a failed payment before the account is held to its included tokens.
+BILLING_GRACE_PERIOD_DAYS = env.int("BILLING_GRACE_PERIOD_DAYS", default=3)
+# Tier an account falls back to once a canceled subscription's paid time is over
+# (empty: no allowance).
+BILLING_DEFAULT_TIER = env("BILLING_DEFAULT_TIER", default="") or None
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,0 +1,84 @@
+"""Billing tests talk to a fake Stripe over real HTTP (tests/billing/fake_stripe.py),
+and Stripe's webhooks reach the app over real HTTP too (pytest-django's live
+server), signed with the endpoint's secret."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+import pytest
+import stripe
+from django.core.management import call_command
+
+from .fake_stripe import FakeStripe
+
+# Webhook tests run the app in a live server thread, so their data must be committed;
+# serialized_rollback restores the seeded tiers and operation types after the flush.
+logging.getLogger("stripe").setLevel(logging.WARNING)
+
+e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+
+
+@pytest.fixture
+def fake_stripe() -> Iterator[FakeStripe]:
+    fake = FakeStripe().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def stripe_on(settings: Any, fake_stripe: FakeStripe) -> Iterator[FakeStripe]:
+    """The app configured to use the fake Stripe (as STRIPE_SECRET_KEY/STRIPE_API_HOST would)."""
+    previous = stripe.api_base
+    settings.STRIPE_SECRET_KEY = fake_stripe.secret_key
+    settings.STRIPE_TEST_SECRET_KEY = fake_stripe.secret_key
+    settings.STRIPE_API_HOST = fake_stripe.url
+    stripe.api_base = fake_stripe.url
+    yield fake_stripe
+    stripe.api_base = previous
+
+
+@pytest.fixture
+def site(settings: Any, live_server: Any, stripe_on: FakeStripe) -> FakeStripe:
+    """Stripe configured, the app served by a live server at SITE_URL, and `setup_stripe` run."""
+    settings.SITE_URL = live_server.url
+    call_command("setup_stripe", stdout=_Sink())
+    return stripe_on
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.lines.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def deliver_all(fake: FakeStripe, events: list[dict[str, Any]]) -> None:
+    for event in events:
+        status, body = fake.deliver(event)
+        assert status == 200, (event["type"], status, body[:500])
+
+
+def subscribe(fake: FakeStripe, client: Any, user: Any, tier: str = "pro", interval: str = "month",
+              **checkout: Any) -> str:
+    """The user buys `tier` through the checkout endpoint, pays, and Stripe's webhooks
+    arrive. Returns the subscription id."""
+    client.force_login(user)
+    response = client.post("/billing/checkout", {"tier": tier, "interval": interval})
+    assert response.status_code == 303, response.content[:300]
+    session_id = response["Location"].rsplit("/", 1)[1]
+    # The period began a while ago, so a renewal "now" is a later period.
+    checkout.setdefault("start", int(time.time()) - 20 * 24 * 3600)
+    deliver_all(fake, fake.checkout_complete(session_id, **checkout))
+    return fake.objects["checkout.session"][session_id]["subscription"]
+
+
+def consume(api: Any, user: Any, tokens: int, operation_id: str) -> Any:
+    response = api.post("/api/tokens/consume", {"userId": user.pk, "operationId": operation_id, "tokens": tokens,
+                                               "operationType": "consensus"}, format="json")
+    return response
