@@ -68,7 +68,7 @@ def _summary_context(period: UsagePeriod, usage: Usage) -> dict[str, Any]:
         context["previous"] = {
             "used": f"{previous.used:,}", "limit": f"{previous.limit:,}", "percentage": f"{previous.percentage:g}",
             "overage_charge": usd(previous.overage_charge), "change": change_percentage(usage.used, previous.used),
-            "period_start": previous.period_start, "period_end": previous.period_end,
+            "period_start": previous.period_start, "period_last_day": previous.period_end - timedelta(seconds=1),
         }
     return context
 
