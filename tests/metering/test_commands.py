@@ -1,0 +1,121 @@
+"""Management commands: demo (idempotent), reconcile (drift and exit code),
+create_service_key (a working key)."""
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+from datetime import datetime, timezone as dt_timezone
+from pathlib import Path
+
+import pytest
+import time_machine
+from django.core.management import CommandError, call_command
+from django.db import connection
+from django.db.models import F
+from rest_framework.test import APIClient
+
+from metering.models import LedgerEntry, UsagePeriod
+from metering.services import account_for_user, ledger_reconcile, usage_get
+
+from .conftest import consume_body, key_client
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TIME = datetime(2026, 11, 17, 15, 30, tzinfo=dt_timezone.utc)
+
+
+def run(*args) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_demo_is_idempotent_and_its_key_works(django_user_model):
+    with time_machine.travel(DEMO_TIME, tick=False):
+        first = run("demo")
+        ledger_rows = LedgerEntry.objects.count()
+    with time_machine.travel(DEMO_TIME.replace(day=20), tick=False):
+        second = run("demo")
+    assert first == second
+    assert LedgerEntry.objects.count() == ledger_rows > 0
+    assert django_user_model.objects.count() == 3
+
+    users = re.findall(r"^USER (\w+) id=(\d+) tier=(\w+) password=(\S+)$", first, re.M)
+    assert [(name, tier) for name, _, tier, _ in users] == [("alice", "basic"), ("bob", "pro"),
+                                                            ("carol", "enterprise")]
+    keys = re.findall(r"^SERVICE_KEY=(\S+)$", first, re.M)
+    assert len(keys) == 1
+
+    client = key_client(keys[0])
+    expected_share = {"alice": 40, "bob": 60, "carol": 30}
+    with time_machine.travel(DEMO_TIME.replace(day=20), tick=False):
+        for name, user_id, tier, password in users:
+            body = client.get(f"/api/tokens/usage?userId={user_id}").json()
+            assert body["tier"] == tier
+            assert abs(body["usagePercentage"] - expected_share[name]) < 1, body
+            assert body["status"] in ("low", "moderate")  # every alert threshold still ahead
+            browser = APIClient()
+            assert browser.login(username=name, password=password)
+        consume = client.post("/api/tokens/consume", consume_body(django_user_model.objects.get(username="alice"),
+                                                                  "after-demo", 10), format="json")
+        assert consume.status_code == 201
+
+    for name, user_id, _, _ in users:  # two months of history before this one
+        periods = list(UsagePeriod.objects.filter(account__user_id=user_id).order_by("starts_at"))
+        assert [p.starts_at.month for p in periods] == [9, 10, 11]
+        assert all(p.used > 0 for p in periods)
+        history = LedgerEntry.objects.filter(account__user_id=user_id, operation_id__startswith="demo-").order_by()
+        assert set(history.values_list("operation_type", flat=True).distinct()) == {
+            "consensus", "analysis", "summary", "comparison"}
+        assert not history.filter(estimated_tokens=None).exists()
+    assert ledger_reconcile() == []
+
+
+@pytest.mark.django_db
+def test_reconcile_reports_drift_in_process(make_user, api):
+    user = make_user()
+    api.post("/api/tokens/consume", consume_body(user, "x", 100), format="json")
+    assert "OK" in run("reconcile")
+    UsagePeriod.objects.filter(account__user=user).update(used=F("used") + 7)
+    with pytest.raises(CommandError, match="1 period"):
+        run("reconcile")
+
+
+def _manage(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.test",
+           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}"}
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_reconcile_exits_non_zero_on_drift(make_user, api):
+    user = make_user()
+    api.post("/api/tokens/consume", consume_body(user, "x", 100), format="json")
+    api.post("/api/tokens/check", {"userId": user.pk, "tokens": 50, "reserve": True}, format="json")
+    clean = _manage("reconcile")
+    assert clean.returncode == 0, clean.stderr
+    assert "OK" in clean.stdout
+
+    period = usage_get(user_id=user.pk)
+    UsagePeriod.objects.filter(account__user=user).update(used=F("used") + 7, reserved=F("reserved") - 50)
+    drift = _manage("reconcile")
+    assert drift.returncode != 0
+    pk = UsagePeriod.objects.get(account=account_for_user(user_id=user.pk)).pk
+    assert f"DRIFT period={pk} user={user.pk} used=107 ledger=100 reserved=0 ledger_reserved=50" in drift.stdout
+    assert period.used == 100
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("scope,consume_status", [("consume", 201), ("read", 403)])
+def test_create_service_key_prints_a_working_key(make_user, scope, consume_status):
+    user = make_user()
+    output = run("create_service_key", "billing-worker", "--scope", scope)
+    raw = re.fullmatch(r"SERVICE_KEY=(\S+)\n", output).group(1)
+    client = key_client(raw)
+    assert client.get(f"/api/tokens/usage?userId={user.pk}").status_code == 200
+    assert client.post("/api/tokens/consume", consume_body(user, "k", 5), format="json").status_code == consume_status
+    assert run("create_service_key", "billing-worker", "--scope", scope) != output  # a new key each time

@@ -1,0 +1,67 @@
+"""The OpenAPI schema at /api/schema/ lists every metering endpoint as served."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from django.core.management import call_command
+from django.urls import resolve
+from rest_framework.test import APIClient
+
+from metering import urls as metering_urls
+
+pytestmark = pytest.mark.django_db
+
+ENDPOINTS = {
+    "/api/tokens/estimate": "post",
+    "/api/tokens/check": "post",
+    "/api/tokens/consume": "post",
+    "/api/tokens/consume/batch": "post",
+    "/api/tokens/release": "post",
+    "/api/tokens/usage": "get",
+    "/api/tokens/history": "get",
+}
+
+
+@pytest.fixture
+def schema() -> dict:
+    response = APIClient().get("/api/schema/", {"format": "json"})
+    assert response.status_code == 200, response.content[:300]
+    return response.json()
+
+
+def test_schema_lists_every_endpoint_with_its_method(schema):
+    assert schema["openapi"].startswith("3.")
+    for path, method in ENDPOINTS.items():
+        assert path in schema["paths"], path
+        assert set(schema["paths"][path]) - {"parameters"} == {method}, schema["paths"][path].keys()
+
+
+def test_every_metering_url_is_in_the_schema(schema):
+    metering = [p for p in schema["paths"] if p.startswith("/api/tokens/")]
+    served = {"/api/tokens/" + str(pattern.pattern) for pattern in metering_urls.urlpatterns}
+    assert all(resolve(path) for path in served)
+    assert set(metering) == served >= set(ENDPOINTS)
+
+
+def test_schema_documents_bodies_parameters_and_errors(schema):
+    consume = schema["paths"]["/api/tokens/consume"]["post"]
+    assert {"200", "201", "400", "401", "402", "409"} <= set(consume["responses"])
+    body_ref = consume["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+    body = schema["components"]["schemas"][body_ref]
+    assert {"userId", "operationId", "tokens", "operationType"} <= set(body["required"])
+    assert {"provider", "model", "reservationId", "estimatedTokens"} <= set(body["properties"])
+    assert body["properties"]["tokens"]["maximum"] == 1_000_000 and body["properties"]["tokens"]["minimum"] == 1
+    history = schema["paths"]["/api/tokens/history"]["get"]
+    assert {"userId", "from", "to", "operationType", "cursor"} <= {p["name"] for p in history["parameters"]}
+    usage = schema["paths"]["/api/tokens/usage"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    usage_props = schema["components"]["schemas"][usage["$ref"].rsplit("/", 1)[-1]]["properties"]
+    assert {"tier", "limit", "used", "reserved", "remaining", "usagePercentage", "status", "cap", "overage",
+            "periodStart", "periodEnd"} <= set(usage_props)
+
+
+def test_the_metering_schema_generates_without_warnings():
+    out, err = io.StringIO(), io.StringIO()
+    call_command("spectacular", "--validate", "--fail-on-warn", "--urlconf", "tests.metering.schema_urls",
+                 stdout=out, stderr=err)
+    assert "/api/tokens/consume/batch" in out.getvalue()
