@@ -397,7 +397,7 @@ def _flag_record(*, account_id: int, rule: str, window: Window, row: dict[str, A
         except IntegrityError:
             return None  # this window was flagged by an earlier run
         if settings.ANOMALY_HOLD:
-            account = Account.objects.select_for_update().select_related("tier").get(pk=account_id)
+            account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=account_id)
             if not account.anomaly_hold:
                 account.anomaly_hold = True
                 account.save(update_fields=["anomaly_hold"])
@@ -467,7 +467,7 @@ def anomaly_flag_resolve(*, flag_id: int, note: str, actor: str) -> AnomalyFlag:
         flag.resolved_by, flag.resolution_note = actor, note.strip()
         flag.full_clean()
         flag.save(update_fields=["status", "resolved_at", "resolved_by", "resolution_note"])
-        account = Account.objects.select_for_update().select_related("tier").get(pk=flag.account_id)
+        account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=flag.account_id)
         still_held = AnomalyFlag.objects.filter(account=account, status=AnomalyFlag.Status.OPEN, held=True).exists()
         lifted = account.anomaly_hold and not still_held
         if lifted:
