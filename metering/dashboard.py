@@ -51,11 +51,13 @@ def _optional_bool(value: Any) -> bool:
 
 def _plan(account, tiers: list[Tier], billing: dict[str, Any] | None) -> dict[str, Any]:
     tier = account.tier
+    upgrades = [t for t in tiers if tier is None or t.monthly_token_limit > tier.monthly_token_limit]
     return {
         "tier": tier,
         "features": list(tier.features or []) if tier else [],
         "others": [t for t in tiers if tier is None or t.pk != tier.pk],
-        "upgrades": [t for t in tiers if tier is None or t.monthly_token_limit > tier.monthly_token_limit],
+        "upgrades": upgrades,
+        "suggested": upgrades[0] if upgrades else None,
         "billing": billing,
         "status": (billing or {}).get("subscription_status") or account.get_status_display(),
     }

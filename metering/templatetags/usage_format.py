@@ -56,3 +56,13 @@ def percent(value) -> str:
         return f"{float(value):,.1f}%"
     except (TypeError, ValueError):
         return ""
+
+
+@register.filter
+def rate(value) -> str:
+    """A per-token rate without trailing zeros: Decimal("0.001000") -> "$0.001"."""
+    try:
+        amount = Decimal(str(value)).normalize()
+    except (InvalidOperation, ValueError, TypeError):
+        return ""
+    return f"${amount:f}"
