@@ -365,7 +365,9 @@ class HistoryApi(JsonApi):
                 if raw is None:
                     continue
                 try:
-                    parsed = parse_datetime(raw) or (parse_date(raw) if len(raw) == 10 else None)
+                    # a date first: Python 3.11's fromisoformat (under parse_datetime) reads "2026-11-05"
+                    # as midnight, and `to` would then leave out the very day it names
+                    parsed = parse_date(raw) if len(raw) == 10 else parse_datetime(raw)
                 except ValueError:  # well formed but not a real date, such as 2026-02-30
                     parsed = None
                 if parsed is None:
