@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 INLINE_ROWS = 50
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+class ReadOnlyPermissions:
     def has_add_permission(self, request, obj=None):
         return False
 
@@ -54,6 +54,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False
+
+
+class ReadOnlyAdmin(ReadOnlyPermissions, admin.ModelAdmin):
+    pass
 
 
 SUPERUSER_TIER_FIELDS = ("slug", "monthly_token_limit", "overage_rate", "allow_overage", "max_overage_percentage",
@@ -208,7 +212,7 @@ class FlaggedFilter(admin.SimpleListFilter):
         return queryset
 
 
-class LedgerInline(admin.TabularInline):
+class LedgerInline(ReadOnlyPermissions, admin.TabularInline):
     """The account's latest ledger rows, read-only (corrections are new rows)."""
 
     model = LedgerEntry
@@ -230,15 +234,6 @@ class LedgerInline(admin.TabularInline):
             return qs.none()
         latest = list(selectors.ledger_for_user(user_id=self.account.user_id).values_list("pk", flat=True)[:INLINE_ROWS])
         return qs.filter(pk__in=latest)
-
-    def has_add_permission(self, request, obj=None):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 class ChangeTierForm(forms.Form):
