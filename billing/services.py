@@ -673,7 +673,12 @@ def overage_bill_ended_periods(*, now: datetime | None = None, account_id: int |
     unbilled = periods.filter(used__gt=F("token_limit")).annotate(
         billed=Coalesce(Max("overage_invoices__through_tokens"), 0)).filter(billed__lt=F("used") - F("token_limit"))
     ids = set(unbilled.values_list("pk", flat=True))
-    ids |= set(periods.filter(overage_invoices__state=OverageInvoice.State.STARTED).values_list("pk", flat=True))
+    # Items left unfinished by a crash are resumed whatever their period (an early or
+    # upcoming-invoice item may belong to a period still open).
+    unfinished = OverageInvoice.objects.filter(state=OverageInvoice.State.STARTED)
+    if account_id is not None:
+        unfinished = unfinished.filter(period__account_id=account_id)
+    ids |= set(unfinished.values_list("period_id", flat=True))
     done = []
     for period_id in sorted(ids):
         try:

@@ -49,7 +49,8 @@ def _call(what: str, func: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return func(*args, **_options(), **kwargs)
     except stripe.StripeError as exc:
-        logger.warning("stripe %s failed: %s", what, exc)
+        missing = getattr(exc, "code", "") == "resource_missing"
+        logger.log(logging.INFO if missing else logging.WARNING, "stripe %s failed: %s", what, exc)
         raise StripeError(f"Stripe refused {what}: {exc.user_message or exc}",
                           extra={"stripeCode": getattr(exc, "code", None) or ""}) from exc
 

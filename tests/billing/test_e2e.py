@@ -93,7 +93,8 @@ def test_subscribe_use_overage_period_end_fail_grace_pay(site, client, make_user
     assert len(checkout) == 1 and checkout[0].idempotency_key.startswith("ct-checkout-")
 
     # Usage past the limit, through the real consume API. Rounded per request these
-    # would be 0 + 0 + 1 cents; rounded once for the period, 1,235 tokens x $0.001 = $1.235 -> 124 cents.
+    # would be 25 + 25 + 75 = 125 cents; rounded once for the period, 1,235 tokens x $0.001
+    # = 123.5 cents -> 124.
     for i, tokens in enumerate([50_000, 245, 245, 745]):
         assert consume(api, user, tokens, f"op-{i}").status_code == 201
     assert consume(api, user, 245, "op-1").status_code == 200  # a replay charges nothing
