@@ -64,18 +64,29 @@ def deliver_all(fake: FakeStripe, events: list[dict[str, Any]]) -> None:
         assert status == 200, (event["type"], status, body[:500])
 
 
-def subscribe(fake: FakeStripe, client: Any, user: Any, tier: str = "pro", interval: str = "month",
-              **checkout: Any) -> str:
-    """The user buys `tier` through the checkout endpoint, pays, and Stripe's webhooks
-    arrive. Returns the subscription id."""
+def checkout(fake: FakeStripe, client: Any, user: Any, tier: str = "pro", interval: str = "month",
+             **paid: Any) -> list[dict[str, Any]]:
+    """The user buys `tier` through the checkout endpoint and pays; returns the events
+    Stripe sends (not delivered yet)."""
     client.force_login(user)
     response = client.post("/billing/checkout", {"tier": tier, "interval": interval})
     assert response.status_code == 303, response.content[:300]
     session_id = response["Location"].rsplit("/", 1)[1]
     # The period began a while ago, so a renewal "now" is a later period.
-    checkout.setdefault("start", int(time.time()) - 20 * 24 * 3600)
-    deliver_all(fake, fake.checkout_complete(session_id, **checkout))
-    return fake.objects["checkout.session"][session_id]["subscription"]
+    paid.setdefault("start", int(time.time()) - 20 * 24 * 3600)
+    return fake.checkout_complete(session_id, **paid)
+
+
+def subscribe(fake: FakeStripe, client: Any, user: Any, tier: str = "pro", interval: str = "month",
+              **paid: Any) -> str:
+    """`checkout`, with Stripe's webhooks delivered. Returns the subscription id."""
+    events = checkout(fake, client, user, tier, interval, **paid)
+    deliver_all(fake, events)
+    return events[0]["data"]["object"]["id"]
+
+
+def price_id(fake: FakeStripe, lookup_key: str) -> str:
+    return next(p["id"] for p in fake.all("price") if p["lookup_key"] == lookup_key)
 
 
 def consume(api: Any, user: Any, tokens: int, operation_id: str) -> Any:

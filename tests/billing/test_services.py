@@ -12,7 +12,7 @@ from billing.services import subscription_apply, subscription_period_bounds
 from metering.models import Account, UsagePeriod
 from metering.services import period_current
 
-from .conftest import e2e, subscribe
+from .conftest import deliver_all, e2e, subscribe
 
 UTC = dt_timezone.utc
 
@@ -67,8 +67,6 @@ def test_a_stale_subscription_state_never_moves_the_period_back(site, client, ma
     sub_id = subscribe(fake, client, user, "pro")
     row = Subscription.objects.get(id=sub_id)
     stale = dict(row.stripe_data)
-    from .conftest import deliver_all
-
     deliver_all(fake, fake.subscription_renew(sub_id))
     current = UsagePeriod.objects.filter(account__user=user).latest("starts_at")
     Subscription.objects.filter(id=sub_id).update(stripe_data=stale)

@@ -14,7 +14,7 @@ from billing.models import BillingAccount, OverageInvoice
 from billing.tasks import overage_bill_ended_periods_task, subscriptions_expire_task
 from metering.models import Account, UsagePeriod
 
-from .conftest import consume, deliver_all, e2e, subscribe
+from .conftest import checkout, consume, deliver_all, e2e, price_id, subscribe
 
 
 def _account(user):
@@ -29,10 +29,7 @@ def _current(user):
 def test_bad_signature_is_refused_and_changes_nothing(site, client, make_user):
     fake = site
     user = make_user("basic")
-    client.force_login(user)
-    response = client.post("/billing/checkout", {"tier": "pro", "interval": "month"})
-    session_id = response["Location"].rsplit("/", 1)[1]
-    created, paid = fake.checkout_complete(session_id)
+    created, paid = checkout(fake, client, user, "pro")
 
     status, _ = fake.deliver(created, secret="whsec_not_the_endpoint_secret")
     assert status == 400
@@ -71,13 +68,9 @@ def test_unknown_price_is_logged_and_the_account_left_as_it_was(site, client, ma
 def test_out_of_order_events_never_let_older_state_win(site, client, make_user):
     fake = site
     user = make_user("basic")
-    client.force_login(user)
-    response = client.post("/billing/checkout", {"tier": "pro", "interval": "month"})
-    session_id = response["Location"].rsplit("/", 1)[1]
-    created, paid = fake.checkout_complete(session_id)
+    created, paid = checkout(fake, client, user, "pro")
     sub_id = created["data"]["object"]["id"]
-    (upgraded,) = fake.subscription_change_price(
-        sub_id, fake.all("price") and next(p["id"] for p in fake.all("price") if p["lookup_key"] == "enterprise_monthly"))
+    (upgraded,) = fake.subscription_change_price(sub_id, price_id(fake, "enterprise_monthly"))
     renewed, renewal_paid = fake.subscription_renew(sub_id)
 
     # Newest first, then the older ones (and a duplicate).
@@ -99,15 +92,14 @@ def test_upgrade_applies_at_once_downgrade_at_next_period(site, client, make_use
     sub_id = subscribe(fake, client, user, "pro")
     assert consume(api, user, 12_000, "u-1").status_code == 201
     period = _current(user)
-    price = {p["lookup_key"]: p["id"] for p in fake.all("price") if p["lookup_key"]}
 
-    deliver_all(fake, fake.subscription_change_price(sub_id, price["enterprise_monthly"]))
+    deliver_all(fake, fake.subscription_change_price(sub_id, price_id(fake, "enterprise_monthly")))
     now_period = _current(user)
     assert now_period.pk == period.pk and now_period.used == 12_000
     assert (now_period.token_limit, now_period.cap) == (200_000, 600_000)  # upgrade: at once
     assert _account(user).tier.slug == "enterprise"
 
-    deliver_all(fake, fake.subscription_change_price(sub_id, price["basic_monthly"]))
+    deliver_all(fake, fake.subscription_change_price(sub_id, price_id(fake, "basic_monthly")))
     billing = BillingAccount.objects.select_related("pending_tier").get(account__user=user)
     assert _account(user).tier.slug == "enterprise" and billing.pending_tier.slug == "basic"
     assert _current(user).token_limit == 200_000  # downgrade: not yet
@@ -194,8 +186,7 @@ def test_a_failed_webhook_is_kept_and_staff_retry_it_from_admin(site, client, ma
     fake = site
     user = make_user("basic")
     sub_id = subscribe(fake, client, user, "pro")
-    enterprise = next(p["id"] for p in fake.all("price") if p["lookup_key"] == "enterprise_monthly")
-    (event,) = fake.subscription_change_price(sub_id, enterprise)
+    (event,) = fake.subscription_change_price(sub_id, price_id(fake, "enterprise_monthly"))
     # Stripe is down while dj-stripe re-fetches the subscription (every retry too).
     fake.fail_next = [("GET", r"/v1/subscriptions/.+", 503)] * 5
     status, _ = fake.deliver(event)
