@@ -14,7 +14,6 @@ from django.template.loader import render_to_string
 
 from metering.models import UsagePeriod
 from metering.services import Usage
-from metering.services.usage import format_usd
 
 from .models import AlertEvent
 from .selectors import (
@@ -35,7 +34,11 @@ PREFERENCE_FOR_KIND = {
 
 
 def usd(amount: Decimal) -> str:
-    return f"${format_usd(Decimal(amount))}"
+    """Cents at least, more digits when the amount has them: $0.60, $1.234."""
+    amount = Decimal(amount).normalize()
+    if amount.as_tuple().exponent > -2:
+        amount = amount.quantize(Decimal("0.01"))
+    return f"${amount:f}"
 
 
 def usage_figures(usage: Usage) -> dict[str, Any]:

@@ -99,18 +99,22 @@ def _enqueue(event_id: int) -> None:
 
 
 def _event_record(*, account_id: int, period_id: int, kind: str, recipient: str, context: dict[str, Any],
-                  threshold: int = 0, week: date | None = None) -> AlertEvent | None:
+                  threshold: int = 0, week: date | None = None, superseded_by: str = "") -> AlertEvent | None:
     """Insert one alert unless it exists (its unique constraint decides, inside a
     savepoint so a duplicate never breaks the caller's transaction), and send it
-    once the caller's transaction commits. None when it was already there."""
+    once the caller's transaction commits. None when it was already there.
+    A superseded alert is recorded (so it is never sent later) but not sent."""
     event = AlertEvent(account_id=account_id, period_id=period_id, kind=kind, threshold=threshold, week=week,
                        recipient=recipient, context=context, created_at=timezone.now())
+    if superseded_by:
+        event.status, event.last_error = AlertEvent.Status.SKIPPED, f"superseded by the {superseded_by} alert"
     try:
         with transaction.atomic():
             event.save()
     except IntegrityError:
         return None
-    transaction.on_commit(partial(_enqueue, event.pk), robust=True)
+    if not superseded_by:
+        transaction.on_commit(partial(_enqueue, event.pk), robust=True)
     return event
 
 
@@ -128,10 +132,14 @@ def alert_crossings_record(*, period: UsagePeriod, used_before: int) -> list[Ale
     recipient = _recipient_of(period.account_id)
     snapshot = {"used": period.used, "usedBefore": used_before, "limit": period.token_limit, "cap": period.cap,
                 "overageRate": str(period.overage_rate)}
+    # One change that crosses several: the user gets the one that says most (the
+    # overage notice, else the highest threshold); the others are recorded as done.
+    top = "overage" if overage else f"{crossed[-1]}%"
     events = []
     for threshold in crossed:
+        superseded = "" if top == f"{threshold}%" else top
         event = _event_record(account_id=period.account_id, period_id=period.pk, kind=AlertEvent.Kind.THRESHOLD,
-                              threshold=threshold, recipient=recipient, context=snapshot)
+                              threshold=threshold, recipient=recipient, context=snapshot, superseded_by=superseded)
         if event is not None:
             events.append(event)
     if overage:

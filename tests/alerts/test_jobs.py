@@ -144,3 +144,22 @@ def test_resend_job_sends_what_was_recorded_but_not_sent(make_user, settings):
         assert alerts_send_pending().sent == 0
     event.refresh_from_db()
     assert event.status == "sent" and event.attempts == 2 and len(mail.outbox) == 1
+
+
+@pytest.mark.django_db
+def test_admin_lists_alerts_and_requeues_failed_ones(make_user, admin_client):
+    user = make_user("basic")
+    account = account_for_user(user_id=user.pk)
+    period = period_current(account=account)
+    failed = AlertEvent.objects.create(account=account, period=period, kind="threshold", threshold=75,
+                                       recipient=user.email, created_at=NOW, status="failed", attempts=8,
+                                       last_error="SMTPServerDisconnected")
+    page = admin_client.get("/admin/alerts/alertevent/")
+    assert page.status_code == 200 and user.email in page.content.decode()
+    assert admin_client.get(f"/admin/alerts/alertevent/{failed.pk}/change/").status_code == 200
+    response = admin_client.post("/admin/alerts/alertevent/", {"action": "send_again",
+                                                               "_selected_action": [failed.pk]})
+    assert response.status_code == 302
+    failed.refresh_from_db()
+    assert failed.status == "sent" and failed.attempts == 1 and len(mail.outbox) == 1
+    assert admin_client.get("/admin/alerts/emailpreference/").status_code == 200

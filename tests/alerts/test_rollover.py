@@ -55,7 +55,7 @@ def test_rollover_at_the_boundary_closes_opens_and_summarises_once(consume, make
     assert summary.subject == "Your usage summary for Nov 1 – Nov 30, 2026: 11,000 tokens"
     body = summary.body
     assert "Tokens used:     11,000 of 10,000 (110%)" in body
-    assert "Overage:         1,000 tokens, charge $1" in body
+    assert "Overage:         1,000 tokens, charge $1.00" in body
     assert "Previous period: 4,000 tokens (Oct 1 – Oct 31), +175.0% this period" in body
     assert "1. consensus: 6,000 tokens in 2 operations (54.5%)" in body
     assert "2. analysis: 3,000 tokens in 2 operations (27.3%)" in body

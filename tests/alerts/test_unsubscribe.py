@@ -36,7 +36,7 @@ def test_link_from_the_email_turns_usage_alerts_off_but_billing_notices_still_go
     on_commit(consume, user, 2_000)  # 96%: the 90% alert is recorded, not sent
     assert AlertEvent.objects.get(account__user=user, threshold=90).status == "skipped"
     on_commit(consume, user, 1_000)  # into overage: the billing notice still goes
-    assert [m.subject for m in mail.outbox][1:] == ["Overage: 600 tokens past your limit, $0.6 so far"]
+    assert [m.subject for m in mail.outbox][1:] == ["Overage: 600 tokens past your limit, $0.60 so far"]
     assert browser.post(url).status_code == 200  # following it again is harmless
 
 
