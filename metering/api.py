@@ -19,6 +19,7 @@ from consensus_tokens.errors import ApplicationError, validation_fields
 
 from . import selectors, services
 from .services import ConsumeRequest, RequestContext
+from .services.audit import known_user_id
 
 
 class StrictJSONParser(JSONParser):
@@ -282,7 +283,7 @@ class BatchConsumeApi(JsonApi):
 def _audit_refused_batch(requests: list[ConsumeRequest], ctx: RequestContext, error: ApplicationError) -> None:
     index = error.extra.get("index")
     item = requests[index] if isinstance(index, int) else None
-    services.audit_record(ctx=ctx, user_id=item.user_id if item and error.code != "unknown_user" else None,
+    services.audit_record(ctx=ctx, user_id=known_user_id(item.user_id) if item else None,
                           action="consume_batch", result=error.code, tokens=item.tokens if item else None,
                           operation_type=item.operation_type if item else "",
                           operation_id=item.operation_id if item else "",
@@ -393,7 +394,9 @@ class HistoryApi(JsonApi):
                                OpenApiParameter("to", str), OpenApiParameter("operationType", str),
                                OpenApiParameter("kind", str), OpenApiParameter("cursor", str),
                                OpenApiParameter("pageSize", int)],
-                   responses={200: OutputSerializer(many=True), **ERRORS})
+                   responses={200: inline_serializer("HistoryPage", {
+                       "next": serializers.CharField(allow_null=True), "previous": serializers.CharField(allow_null=True),
+                       "results": OutputSerializer(many=True)}), **ERRORS})
     def get(self, request: Request) -> Response:
         data = _valid(self.FilterSerializer, request, query=True)
         user_id = user_id_for(request, data.get("userId"))

@@ -31,7 +31,7 @@ from consensus_tokens.errors import (
 from ..models import Account, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
 from ..signals import usage_recorded
 from .accounts import account_for_user, period_current
-from .audit import audit_record
+from .audit import audit_record, known_user_id
 from .context import RequestContext
 
 
@@ -403,6 +403,8 @@ def _record_consumption(*, account: Account, period: UsagePeriod, request: Consu
 
 def consume_refused(*, request: ConsumeRequest, ctx: RequestContext, error: ApplicationError) -> None:
     """Audit a refused consume (outside the rolled-back transaction)."""
-    audit_record(ctx=ctx, user_id=request.user_id, action="consume", result=error.code, tokens=request.tokens,
-                 operation_type=request.operation_type, operation_id=request.operation_id)
+    user_id = known_user_id(request.user_id)
+    audit_record(ctx=ctx, user_id=user_id, action="consume", result=error.code, tokens=request.tokens,
+                 operation_type=request.operation_type, operation_id=request.operation_id,
+                 detail={} if user_id else {"userId": request.user_id})
 
