@@ -27,6 +27,8 @@ def _wants_json(request: HttpRequest) -> bool:
 
 
 class _StripeRedirectView(APIView):
+    # Browser form posts that redirect to Stripe, not part of the service API's OpenAPI schema.
+    schema = None
     authentication_classes = [SessionAuthentication]
     permission_classes = [IsAuthenticated]
     parser_classes = [FormParser, MultiPartParser, JSONParser]
