@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
     AnomalyFlag = None
     alert_events_for_user = None
 
-INLINE_ROWS = 50
+INLINE_ROWS = 20
 
 
 class ReadOnlyPermissions:
@@ -396,8 +396,10 @@ class AccountAdmin(admin.ModelAdmin):
         ] + super().get_urls()
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
-        extra_context = {**(extra_context or {}), "support_actions": [
-            (slug, title) for slug, (title, _) in SUPPORT_ACTIONS.items()]}
+        # Every field here is read-only: changes are the support actions, so no Save buttons.
+        extra_context = {**(extra_context or {}), "show_save": False, "show_save_and_continue": False,
+                         "show_save_and_add_another": False, "support_actions": [
+                             (slug, title) for slug, (title, _) in SUPPORT_ACTIONS.items()]}
         return super().change_view(request, object_id, form_url, extra_context)
 
     def support_action(self, request, object_id: int, action: str):

@@ -225,6 +225,7 @@ class LedgerEntry(models.Model):
             models.Index(fields=["period", "kind"], name="ledger_period_kind"),
         ]
         ordering = ["-created_at", "-id"]
+        verbose_name_plural = "ledger entries"
 
     def __str__(self) -> str:
         return f"{self.kind} {self.used_delta:+d} ({self.operation_id or self.reason})"
@@ -319,6 +320,7 @@ class DailyUsage(models.Model):
             models.Index(fields=["period", "day"], name="daily_usage_period_day"),
             models.Index(fields=["day"], name="daily_usage_day"),
         ]
+        verbose_name_plural = "daily usage"
 
     def __str__(self) -> str:
         return f"{self.day} {self.kind} {self.operation_type} {self.used_delta:+d}"

@@ -114,7 +114,7 @@ def test_account_page_shows_figures_ledger_and_audit_read_only(support, make_use
         consume(user, 10)
     page = support.get(f"/admin/metering/account/{user.token_account.pk}/change/").content.decode()
     assert 'data-field="admin-used">600<' in page and 'data-field="admin-limit">10,000<' in page
-    assert page.count('<td class="field-operation_id">') == 50  # the latest 50 ledger rows
+    assert page.count('<td class="field-operation_id">') == 20  # the latest 20 ledger rows
     assert 'data-table="audit"' in page and 'data-support-action="change-tier"' in page
     assert 'name="ledger-0-used_delta"' not in page  # read-only, no inputs
 
