@@ -17,6 +17,7 @@ from metering.services import Usage
 
 from .models import AlertEvent
 from .selectors import (
+    PREFERENCE_LABELS,
     busiest_operation_types,
     change_percentage,
     period_usage,
@@ -109,6 +110,7 @@ def email_for_event(event: AlertEvent) -> EmailMultiAlternatives:
     context: dict[str, Any] = {
         "event": event, "user": user, "name": user.get_short_name() or user.get_username(), "u": figures,
         "dashboard_url": dashboard_url(), "preference": preference,
+        "preference_label": PREFERENCE_LABELS.get(preference or "", ""),
         "unsubscribe_url": unsubscribe_url(user_id=user.pk, preference=preference) if preference else "",
     }
     if event.kind == AlertEvent.Kind.PERIOD_SUMMARY:

@@ -15,6 +15,8 @@ from metering.services import Usage, usage_of
 from .models import AlertEvent, AnomalyFlag, EmailPreference
 
 PREFERENCE_KINDS = ("usage_alerts", "weekly_digest", "period_summary")
+PREFERENCE_LABELS = {"usage_alerts": "usage alert", "weekly_digest": "weekly digest",
+                     "period_summary": "period summary"}
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ def test_each_threshold_mails_once_then_overage_notice(consume, make_user, on_co
     assert m75.subject == "You have used 75% of your tokens this period"
     assert "7,500 of 10,000 tokens (75%)" in m75.body
     assert "http://127.0.0.1:8000/dashboard/" in m75.body and "/alerts/unsubscribe/" in m75.body
+    assert "because usage alert e-mails are on" in m75.body
     assert "7,500" in html_of(m75) and 'href="http://127.0.0.1:8000/dashboard/"' in html_of(m75)
     assert m75.extra_headers["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
 
