@@ -4,6 +4,7 @@ cap hold the cap and lose nothing. Prometheus counters add up across workers."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import pytest
 import requests
@@ -92,3 +93,18 @@ def test_100_concurrent_consumes_near_the_cap_hold_it_and_lose_nothing(make_user
     assert AuditLog.objects.filter(user=user, action="consume", result="token_cap_exceeded").count() == 73
     assert metrics[("ct_tokens_consumed_total", ())] == 27 * tokens
     assert metrics[("ct_token_requests_refused_total", (("reason", "token_cap_exceeded"),))] == 73
+
+
+def test_the_limit_holds_across_every_web_process(make_user, service_key):
+    from metering.models import Tier
+
+    Tier.objects.filter(slug="basic").update(requests_per_hour=10)
+    user = make_user("basic")
+    headers = {"Authorization": f"Api-Key {service_key}"}
+    with run_gunicorn(workers=2, threads=8) as server:
+        results = fire_together(40, lambda s, i: s.get(server.url + f"/api/tokens/usage?userId={user.pk}",
+                                                        headers=headers, timeout=30))
+    statuses = Counter(status for status, _ in results)
+    assert statuses == {200: 10, 429: 30}, statuses  # one shared count in Redis, not 10 per worker
+    assert all(body["error"]["code"] == "rate_limited" for status, body in results if status == 429)
+    assert AuditLog.objects.filter(user=user, result="rate_limited").count() == 30
