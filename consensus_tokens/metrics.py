@@ -85,8 +85,9 @@ class RequestMetricsMiddleware:
 # --- state read from the database at scrape time -------------------------------------------------
 
 class DatabaseCollector:
-    """Reservations by status, Stripe webhook triggers by outcome and alert events by
-    kind and status, counted in the database (the same whichever worker is scraped)."""
+    """Reservations by status, Stripe webhook triggers by outcome, alert events by kind
+    and status, overage invoice items by state: counted in the database, so the same
+    whichever worker is scraped and right after a restart."""
 
     def collect(self):
         from django.db.models import Count, Q, Sum
@@ -123,6 +124,17 @@ class DatabaseCollector:
         for kind, status, n in AlertEvent.objects.values_list("kind", "status").annotate(n=Count("id")).order_by():
             events.add_metric([kind, status], n)
         yield events
+        from billing.models import OverageInvoice
+
+        rows = OverageInvoice.objects.values_list("state").annotate(n=Count("id"), cents=Sum("amount_cents")).order_by()
+        items = CounterMetricFamily("ct_overage_invoice_items", "Overage invoice items, by state.", labels=["state"])
+        cents = CounterMetricFamily("ct_overage_invoiced_cents", "Overage billed through Stripe, in US cents, by "
+                                    "state of its invoice item.", labels=["state"])
+        for state, n, amount in rows:
+            items.add_metric([state], n)
+            cents.add_metric([state], amount or 0)
+        yield items
+        yield cents
 
 
 def _registry() -> CollectorRegistry:

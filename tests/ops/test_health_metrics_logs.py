@@ -222,3 +222,22 @@ def test_alert_events_are_counted_from_the_database(api, make_user, django_captu
     samples = scrape()
     for kind, status in set(events):
         assert sample(samples, "ct_alert_events_total", kind=kind, status=status) == events.count((kind, status))
+
+
+def test_overage_billed_is_read_from_the_invoice_items(make_user):
+    from decimal import Decimal
+
+    from billing.models import BillingAccount, OverageInvoice
+    from metering.services import account_for_user, period_current
+
+    account = account_for_user(user_id=make_user("basic").pk)
+    billing = BillingAccount.objects.create(account=account, stripe_customer_id="cus_metrics")
+    period = period_current(account=account)
+    for through, amount, state in ((1000, 100, "paid"), (3000, 200, "created"), (3500, 50, "created")):
+        OverageInvoice.objects.create(period=period, billing_account=billing, through_tokens=through, tokens=500,
+                                      rate=Decimal("0.001"), amount_cents=amount, state=state,
+                                      idempotency_key=f"metrics-{through}")
+    samples = scrape()
+    assert sample(samples, "ct_overage_invoiced_cents_total", state="created") == 250
+    assert sample(samples, "ct_overage_invoiced_cents_total", state="paid") == 100
+    assert sample(samples, "ct_overage_invoice_items_total", state="created") == 2
