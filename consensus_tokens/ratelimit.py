@@ -183,7 +183,7 @@ class _TierLimits:
             from metering.models import Tier
 
             rph = Tier.objects.filter(slug=settings.DEFAULT_TIER).values_list("requests_per_hour", flat=True).first()
-            self.default = (rph or 100, now + settings.RATELIMIT_TIER_CACHE_SECONDS)
+            self.default = (100 if rph is None else rph, now + settings.RATELIMIT_TIER_CACHE_SECONDS)
         return self.default[0]
 
     def get(self, user_ids: list[int]) -> dict[int, tuple[int, bool]]:
@@ -205,7 +205,9 @@ class _TierLimits:
             expires = now + settings.RATELIMIT_TIER_CACHE_SECONDS
             for uid in missing:
                 has_account = uid in rows
-                rph = rows.get(uid) or self._default_limit(now)
+                rph = rows.get(uid)
+                if rph is None:  # no account, or an account without a tier
+                    rph = self._default_limit(now)
                 self.entries[uid] = (rph, has_account, expires)
                 found[uid] = (rph, has_account)
         return found
@@ -281,9 +283,13 @@ def _action_for(request: Any) -> str:
 class TokenRateThrottle(BaseThrottle):
     """Per user (by tier) and per service key, counted in one round trip.
 
-    Runs after authentication and permissions. The user is the one the call is
-    for, so a service calling for many users spends each user's budget, not one
-    shared one; the service key has its own ceiling (ServiceKey.requests_per_hour).
+    The REST framework's default throttle (settings: DEFAULT_THROTTLE_CLASSES), so
+    it is configured in one place; it limits only paths under RATELIMIT_API_PREFIXES
+    (the token API). It runs after authentication and permissions. The user is the
+    one the call is for, so a service calling for many users spends each user's
+    budget, not one shared one; the service key has its own ceiling
+    (ServiceKey.requests_per_hour). A user without an account counts against the
+    default tier's limit.
     """
 
     def allow_request(self, request, view) -> bool:

@@ -217,3 +217,19 @@ def test_revoked_and_unknown_keys_are_refused_before_any_counting(api, service_k
     client.credentials(HTTP_AUTHORIZATION="Api-Key nope")
     response = client.get("/api/tokens/usage?userId=1")
     assert response.status_code == 401 and "X-RateLimit-Limit" not in response
+
+
+def test_an_unknown_user_counts_against_the_default_tier_and_is_audited_without_a_user(api):
+    set_tier_rate("basic", 1)
+    first = api.get("/api/tokens/usage?userId=987654321")
+    assert first.status_code == 404 and first["X-RateLimit-Limit"] == "1"
+    refused = api.get("/api/tokens/usage?userId=987654321")
+    assert refused.status_code == 429
+    row = AuditLog.objects.get(result="rate_limited")
+    assert row.user_id is None and row.detail["key"] == "987654321"
+
+
+def test_a_tier_with_no_requests_refuses_every_call(api, make_user):
+    set_tier_rate("basic", 0)
+    response = api.get(f"/api/tokens/usage?userId={make_user('basic').pk}")
+    assert response.status_code == 429 and response["X-RateLimit-Limit"] == "0"
