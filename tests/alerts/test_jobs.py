@@ -14,11 +14,18 @@ from django_celery_beat.models import PeriodicTask
 from djstripe.models import WebhookEventTrigger
 
 from alerts.locks import job_lock
-from alerts.models import AlertEvent
+from alerts.models import AlertEvent, AnomalyFlag
 from alerts.services import alerts_send_pending
-from alerts.tasks import cleanup_task, reconcile_task
+from alerts.tasks import cleanup_task, reconcile_task, rollover_task
 from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
-from metering.services import RequestContext, account_for_user, ledger_reconcile, period_current, usage_check
+from metering.services import (
+    RequestContext,
+    account_for_user,
+    ledger_reconcile,
+    period_align,
+    period_current,
+    usage_check,
+)
 
 NOW = datetime(2026, 11, 10, 2, 0, tzinfo=dt_timezone.utc)
 
@@ -163,3 +170,42 @@ def test_admin_lists_alerts_and_requeues_failed_ones(make_user, admin_client):
     failed.refresh_from_db()
     assert failed.status == "sent" and failed.attempts == 1 and len(mail.outbox) == 1
     assert admin_client.get("/admin/alerts/emailpreference/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_resend_job_takes_over_a_dead_workers_claim_and_unsent_staff_notices(make_user, consume, settings):
+    settings.ALERTS_CLAIM_STALE_SECONDS, settings.ALERTS_RESEND_GRACE_SECONDS = 600, 60
+    settings.ANOMALY_MIN_TOKENS = 1
+    user = make_user("basic")
+    account = account_for_user(user_id=user.pk)
+    period = period_current(account=account)
+    claimed = AlertEvent.objects.create(account=account, period=period, kind="threshold", threshold=75,
+                                        recipient=user.email, created_at=NOW, status="sending", claimed_at=NOW,
+                                        attempts=1)
+    flag = AnomalyFlag.objects.create(account=account, rule="spike", window_start=NOW, window_end=NOW, observed=9,
+                                      baseline=0, multiplier=5, minimum=1, created_at=NOW)
+    with time_machine.travel(NOW + timedelta(seconds=300), tick=False):
+        result = alerts_send_pending()
+    assert (result.sent, result.staff_notified) == (0, 1)  # the claim may still be sending
+    assert [m.to for m in mail.outbox] == [["staff@consensus.local"]]
+    with time_machine.travel(NOW + timedelta(seconds=601), tick=False):
+        result = alerts_send_pending()
+    claimed.refresh_from_db()
+    flag.refresh_from_db()
+    assert (result.sent, result.staff_notified) == (1, 0) and claimed.status == "sent" and claimed.attempts == 2
+    assert flag.notified_at == NOW + timedelta(seconds=300) and len(mail.outbox) == 2
+
+
+@pytest.mark.django_db
+def test_a_period_cut_short_by_billing_is_summarised(make_user, consume, on_commit):
+    user = make_user("pro")
+    with time_machine.travel(NOW, tick=False):
+        consume(user, 1_234)
+    account = account_for_user(user_id=user.pk)
+    new_start = NOW + timedelta(days=2)
+    with time_machine.travel(new_start, tick=False):
+        period_align(account=account, starts_at=new_start, ends_at=new_start + timedelta(days=30))
+        on_commit(rollover_task.delay)
+        on_commit(rollover_task.delay)
+    [summary] = mail.outbox
+    assert summary.subject == "Your usage summary for Nov 1 – Nov 12, 2026: 1,234 tokens"
