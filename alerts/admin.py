@@ -7,8 +7,7 @@ from django.shortcuts import render
 from consensus_tokens.errors import ApplicationError
 
 from .models import AlertEvent, AnomalyFlag, EmailPreference
-from .services import anomaly_flag_resolve
-from .tasks import alert_send_task
+from .services import alerts_requeue, anomaly_flag_resolve
 
 
 class RecordAdmin(admin.ModelAdmin):
@@ -32,13 +31,8 @@ class AlertEventAdmin(RecordAdmin):
 
     @admin.action(description="Retry sending (pending or failed alerts)")
     def send_again(self, request, queryset):
-        ids = list(queryset.filter(status__in=[AlertEvent.Status.PENDING, AlertEvent.Status.FAILED])
-                   .values_list("pk", flat=True))
-        AlertEvent.objects.filter(pk__in=ids, status=AlertEvent.Status.FAILED).update(
-            status=AlertEvent.Status.PENDING, attempts=0)
-        for event_id in ids:
-            alert_send_task.delay(event_id)
-        self.message_user(request, f"Queued {len(ids)} alert(s) for sending.")
+        queued = alerts_requeue(event_ids=list(queryset.values_list("pk", flat=True)))
+        self.message_user(request, f"Queued {queued} alert(s) for sending.")
 
 
 class ResolveForm(forms.Form):

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "alert_crossings", "alert_crossings_record", "alert_deliver", "alert_preferences_get", "alert_preferences_update",
-    "alert_unsubscribe", "alerts_send_pending", "anomalies_detect", "anomaly_flag_notify", "anomaly_flag_resolve",
+    "alert_unsubscribe", "alerts_requeue", "alerts_send_pending", "anomalies_detect", "anomaly_flag_notify", "anomaly_flag_resolve",
     "cleanup_run", "period_summaries_record", "reconcile_run", "rollover_run", "weekly_digests_record",
 ]
 
@@ -245,6 +245,20 @@ def alert_deliver(*, event_id: int) -> str:
         raise
     claimed.update(status=AlertEvent.Status.SENT, sent_at=timezone.now(), last_error="")
     return AlertEvent.Status.SENT
+
+
+def alerts_requeue(*, event_ids: list[int]) -> int:
+    """Support's "send again": failed alerts get a fresh set of attempts; pending
+    and failed ones are queued after commit (the resend job covers a broker outage)."""
+    with transaction.atomic():
+        ids = list(AlertEvent.objects.select_for_update(of=("self",)).filter(
+            pk__in=event_ids, status__in=[AlertEvent.Status.PENDING, AlertEvent.Status.FAILED])
+            .values_list("pk", flat=True))
+        AlertEvent.objects.filter(pk__in=ids, status=AlertEvent.Status.FAILED).update(
+            status=AlertEvent.Status.PENDING, attempts=0, claimed_at=None)
+        for event_id in ids:
+            transaction.on_commit(partial(_enqueue, event_id), robust=True)
+    return len(ids)
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ def test_resend_job_sends_what_was_recorded_but_not_sent(make_user, settings):
 
 
 @pytest.mark.django_db
-def test_admin_lists_alerts_and_requeues_failed_ones(make_user, admin_client):
+def test_admin_lists_alerts_and_requeues_failed_ones(make_user, admin_client, django_capture_on_commit_callbacks):
     user = make_user("basic")
     account = account_for_user(user_id=user.pk)
     period = period_current(account=account)
@@ -164,8 +164,9 @@ def test_admin_lists_alerts_and_requeues_failed_ones(make_user, admin_client):
     page = admin_client.get("/admin/alerts/alertevent/")
     assert page.status_code == 200 and user.email in page.content.decode()
     assert admin_client.get(f"/admin/alerts/alertevent/{failed.pk}/change/").status_code == 200
-    response = admin_client.post("/admin/alerts/alertevent/", {"action": "send_again",
-                                                               "_selected_action": [failed.pk]})
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin_client.post("/admin/alerts/alertevent/", {"action": "send_again",
+                                                                   "_selected_action": [failed.pk]})
     assert response.status_code == 302
     failed.refresh_from_db()
     assert failed.status == "sent" and failed.attempts == 1 and len(mail.outbox) == 1
