@@ -59,9 +59,6 @@ class BillingAccount(models.Model):
     current_period_end = models.DateTimeField(null=True, blank=True)
     interval = models.CharField(max_length=5, blank=True, default="", help_text="month or year")
     cancel_at_period_end = models.BooleanField(default=False)
-    # Start of the first period under a subscription: periods before it were calendar
-    # months nobody bills through Stripe.
-    billing_started_at = models.DateTimeField(null=True, blank=True)
     # A downgrade waits for the next period; this is the tier it will bring.
     pending_tier = models.ForeignKey(Tier, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
     # Set when the subscription is deleted: access ends here.
@@ -78,6 +75,19 @@ class BillingAccount(models.Model):
     @property
     def has_subscription(self) -> bool:
         return bool(self.stripe_subscription_id)
+
+
+class SubscriptionPeriod(models.Model):
+    """A usage period that followed a Stripe subscription, so Stripe bills its overage.
+    Calendar-month periods (before a subscription, or after its paid end) have none."""
+
+    period = models.OneToOneField(UsagePeriod, on_delete=models.CASCADE, related_name="subscription_link")
+    billing_account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="periods")
+    stripe_subscription_id = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.period} ← {self.stripe_subscription_id}"
 
 
 class OverageInvoice(models.Model):

@@ -18,7 +18,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Max, Q, Sum
+from django.db.models import F, Max, Sum
 from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils import timezone
@@ -29,7 +29,7 @@ from metering.periods import calendar_month
 from metering.services import account_apply_terms, account_for_user, period_align
 
 from . import stripe_client
-from .models import BillingAccount, OverageInvoice, TierPrice
+from .models import BillingAccount, OverageInvoice, SubscriptionPeriod, TierPrice
 from .selectors import tier_price_active, tier_price_by_stripe_id
 
 logger = logging.getLogger(__name__)
@@ -335,13 +335,14 @@ def subscription_apply(*, subscription_id: str, now: datetime | None = None) -> 
         billing.current_period_start = state.period_start
         billing.current_period_end = state.period_end
         billing.cancel_at_period_end = state.cancel_at_period_end
-        billing.billing_started_at = billing.billing_started_at or state.period_start
         billing.paid_through = None
         billing.access_ended_at = None
         billing.full_clean()
         billing.save()
         account.save(update_fields=["tier", "status"])
-        period_align(account=account, starts_at=state.period_start, ends_at=state.period_end)
+        period = period_align(account=account, starts_at=state.period_start, ends_at=state.period_end)
+        SubscriptionPeriod.objects.get_or_create(period=period, defaults={
+            "billing_account": billing, "stripe_subscription_id": state.id})
         account_apply_terms(account=account, now=now)
     if new_period:
         _bill_ended_periods_on_commit(account_id=billing.account_id)
@@ -374,6 +375,7 @@ def _access_end(*, billing: BillingAccount, account: Account, now: datetime) -> 
     billing.access_ended_at = now
     billing.save(update_fields=["access_ended_at", "updated_at"])
     account_apply_terms(account=account, now=now)
+    _bill_ended_periods_on_commit(account_id=account.pk)  # the last paid period's overage
 
 
 def subscriptions_expire(*, now: datetime | None = None) -> int:
@@ -489,6 +491,9 @@ def invoice_payment_failed(*, invoice_id: str, now: datetime | None = None) -> s
     billing = _billing_for_customer(_id(data.get("customer")))
     if billing is None:
         return "unknown_customer"
+    if billing.current_period_start is None:
+        # The first payment of a checkout failed: nothing was granted, nothing to hold.
+        return "not_subscribed"
     with transaction.atomic():
         OverageInvoice.objects.filter(stripe_invoice_item_id__in=_invoice_item_ids(data),
                                       state=OverageInvoice.State.CREATED).update(
@@ -537,7 +542,7 @@ def invoice_upcoming(*, customer_id: str, now: datetime | None = None) -> int:
     billing = BillingAccount.objects.filter(stripe_customer_id=customer_id).first()
     if billing is None or billing.current_period_start is None:
         return 0
-    ids = list(UsagePeriod.objects.filter(**_billable_filter(billing), starts_at__lte=now,
+    ids = list(UsagePeriod.objects.filter(subscription_link__billing_account=billing, starts_at__lte=now,
                                           used__gt=F("token_limit")).values_list("pk", flat=True))
     for period_id in ids:
         _overage_on_commit(period_id=period_id, reason="upcoming_invoice")
@@ -545,16 +550,6 @@ def invoice_upcoming(*, customer_id: str, now: datetime | None = None) -> int:
 
 
 # --- overage invoicing ----------------------------------------------------------------------------
-
-def _billable_filter(billing: BillingAccount) -> dict[str, Any]:
-    """Periods Stripe bills: those that began under the subscription, not the calendar
-    months before it or after its paid end."""
-    f: dict[str, Any] = {"account_id": billing.account_id,
-                         "starts_at__gte": billing.billing_started_at or billing.current_period_start}
-    if billing.paid_through is not None:
-        f["starts_at__lt"] = billing.paid_through
-    return f
-
 
 def _overage_on_commit(*, period_id: int, reason: str) -> None:
     from .tasks import overage_invoice_period_task
@@ -615,8 +610,8 @@ def overage_invoice_period(*, period_id: int, reason: str = "period_end") -> Ove
         billing = BillingAccount.objects.select_for_update().filter(account_id=period.account_id).first()
         if billing is None or not billing.stripe_customer_id or billing.current_period_start is None:
             return None
-        if not UsagePeriod.objects.filter(pk=period_id, **_billable_filter(billing)).exists():
-            return None
+        if not SubscriptionPeriod.objects.filter(period_id=period_id, billing_account=billing).exists():
+            return None  # a calendar-month period: Stripe bills no overage for it
         invoice = OverageInvoice.objects.filter(period=period, state=OverageInvoice.State.STARTED).first()
         if invoice is None:
             invoice = _overage_record(period=period, billing=billing, reason=reason)
@@ -641,7 +636,10 @@ def overage_invoice_push(*, overage_invoice_id: int) -> OverageInvoice:
             state=OverageInvoice.State.CREATED, stripe_invoice_item_id=item["id"], last_error="",
             updated_at=timezone.now())
     invoice.refresh_from_db()
-    if invoice.reason == "threshold" and not invoice.stripe_invoice_id:
+    # Early overage is invoiced now; so is overage of a subscription that has ended,
+    # as no renewal invoice will come to carry the pending item.
+    if (invoice.reason == "threshold" or not invoice.stripe_params.get("subscription_id")) \
+            and not invoice.stripe_invoice_id:
         _invoice_now(invoice=invoice)
     return invoice
 
@@ -650,7 +648,7 @@ def _invoice_now(*, invoice: OverageInvoice) -> None:
     """Early overage: invoice the pending item now instead of with the next renewal."""
     try:
         stripe_invoice = stripe_client.invoice_create_now(
-            customer_id=invoice.stripe_params["customer_id"], description="Token overage (billed early)",
+            customer_id=invoice.stripe_params["customer_id"], description="Token overage",
             metadata={"overage_invoice_id": str(invoice.pk)}, idempotency_key=f"{invoice.idempotency_key}-invoice")
     except ApplicationError:
         # The item stays pending on the customer and goes out with the next invoice.
@@ -663,11 +661,7 @@ def overage_bill_ended_periods(*, now: datetime | None = None, account_id: int |
     """Periodic (and after each period change): bill every ended period with
     overage not billed yet, and resume unfinished items. Safe to run twice."""
     now = now or timezone.now()
-    periods = UsagePeriod.objects.filter(
-        ends_at__lte=now, account__billing__stripe_customer_id__isnull=False,
-        account__billing__billing_started_at__isnull=False,
-        starts_at__gte=F("account__billing__billing_started_at"),
-    ).filter(Q(account__billing__paid_through__isnull=True) | Q(starts_at__lt=F("account__billing__paid_through")))
+    periods = UsagePeriod.objects.filter(ends_at__lte=now, subscription_link__isnull=False)
     if account_id is not None:
         periods = periods.filter(account_id=account_id)
     unbilled = periods.filter(used__gt=F("token_limit")).annotate(
@@ -695,10 +689,7 @@ def overage_bill_thresholds(*, now: datetime | None = None) -> list[int]:
     now = now or timezone.now()
     candidates = UsagePeriod.objects.filter(
         starts_at__lte=now, ends_at__gt=now, used__gt=F("token_limit"),
-        account__tier__overage_billing_threshold_cents__isnull=False,
-        account__billing__stripe_customer_id__isnull=False,
-        account__billing__billing_started_at__isnull=False,
-        starts_at__gte=F("account__billing__billing_started_at"),
+        account__tier__overage_billing_threshold_cents__isnull=False, subscription_link__isnull=False,
     ).select_related("account__tier")
     done = []
     for period in candidates:

@@ -32,7 +32,7 @@ def test_a_subscribed_accounts_next_period_rolls_forward_until_stripe_confirms_i
     start = datetime(2026, 1, 31, 9, tzinfo=UTC)
     BillingAccount.objects.create(account=account, stripe_customer_id="cus_x", stripe_subscription_id="sub_x",
                                   subscription_status="active", interval="month", current_period_start=start,
-                                  current_period_end=datetime(2026, 2, 28, 9, tzinfo=UTC), billing_started_at=start)
+                                  current_period_end=datetime(2026, 2, 28, 9, tzinfo=UTC))
     assert subscription_period_bounds(account, datetime(2026, 2, 10, tzinfo=UTC)) == (
         start, datetime(2026, 2, 28, 9, tzinfo=UTC))
     assert subscription_period_bounds(account, datetime(2026, 4, 5, tzinfo=UTC)) == (

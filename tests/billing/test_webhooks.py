@@ -156,12 +156,19 @@ def test_canceled_subscription_keeps_access_until_the_paid_end_then_none(site, c
     assert account.status == "canceled" and account.tier.slug == "pro"  # paid until the period ends
     assert consume(api, user, 1_000, "c-1").status_code == 201
 
+    assert consume(api, user, 51_000, "c-2").status_code == 201  # 2,000 overage tokens in the paid period
+
     with time_machine.travel(timezone.now() + timedelta(days=10, hours=1), tick=True):
         assert int(timezone.now().timestamp()) > paid_end
         subscriptions_expire_task.delay()
+        subscriptions_expire_task.delay()
         account = _account(user)
         assert account.tier is None
-        refused = consume(api, user, 1, "c-2")
+        # The paid period's overage is billed, and invoiced at once (no renewal will carry it).
+        (item,) = fake.all("invoiceitem")
+        assert item["amount"] == 200 and item["invoice"]
+        assert OverageInvoice.objects.get().stripe_invoice_id == item["invoice"]
+        refused = consume(api, user, 1, "c-3")
         assert refused.status_code == 402
         period = _current(user)
         assert int(period.starts_at.timestamp()) == paid_end and (period.token_limit, period.cap) == (0, 0)
@@ -179,6 +186,17 @@ def test_canceled_subscription_falls_back_to_the_default_tier(site, settings, cl
         assert _account(user).tier.slug == "basic"
         assert consume(api, user, 10_000, "d-1").status_code == 201
         assert _current(user).token_limit == 10_000
+
+
+@e2e
+def test_a_failed_first_payment_grants_nothing(site, client, make_user):
+    fake = site
+    user = make_user("basic")
+    deliver_all(fake, checkout(fake, client, user, "pro", pay=False))
+    account = _account(user)
+    assert account.tier.slug == "basic" and account.status == "active" and not account.billing_hold
+    billing = BillingAccount.objects.get(account=account)
+    assert billing.subscription_status == "incomplete" and billing.payment_failed_at is None
 
 
 @e2e
