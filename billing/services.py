@@ -182,7 +182,7 @@ def checkout_session_create(*, user: Any, tier_slug: str, interval: str, now: da
     if interval not in INTERVALS:
         raise ApplicationError("Interval must be 'month' or 'year'.", code="invalid_request",
                                extra={"fields": {"interval": ["Must be 'month' or 'year'."]}})
-    stripe_client._options()  # fail early, and clearly, when Stripe is not configured
+    stripe_client.require_configured()  # fail early, and clearly
     tier = Tier.objects.filter(slug=tier_slug).first()
     if tier is None:
         raise UnknownTier(f"Unknown tier '{tier_slug}'.")
@@ -203,7 +203,7 @@ def checkout_session_create(*, user: Any, tier_slug: str, interval: str, now: da
 
 def portal_session_create(*, user: Any, now: datetime | None = None) -> str:
     now = now or timezone.now()
-    stripe_client._options()
+    stripe_client.require_configured()
     billing = customer_ensure(user=user)
     session = stripe_client.portal_session_create(
         customer_id=billing.stripe_customer_id or "", return_url=f"{settings.SITE_URL}/dashboard/",
@@ -761,7 +761,7 @@ def stripe_setup() -> SetupReport:
     idempotency keys."""
     from djstripe.models import Price, Product
 
-    stripe_client._options()
+    stripe_client.require_configured()
     report = SetupReport()
     key = settings.STRIPE_SECRET_KEY
     for tier in Tier.objects.all():

@@ -33,9 +33,13 @@ def is_configured() -> bool:
     return bool(getattr(settings, "STRIPE_SECRET_KEY", ""))
 
 
-def _options() -> dict[str, Any]:
+def require_configured() -> None:
     if not is_configured():
         raise StripeNotConfigured("Payments are not configured on this server (STRIPE_SECRET_KEY is not set).")
+
+
+def _options() -> dict[str, Any]:
+    require_configured()
     host = getattr(settings, "STRIPE_API_HOST", "")
     if host and stripe.api_base != host:
         # dj-stripe sets this once at import; follow the setting if it changed since.

@@ -9,6 +9,8 @@ import psycopg
 import pytest
 from django.db import DatabaseError, connection
 
+from consensus_tokens.errors import ApplicationError
+
 from billing.models import OverageInvoice
 from billing.services import add_months, overage_cents
 from billing.tasks import overage_bill_ended_periods_task, overage_bill_thresholds_task, overage_invoice_period_task
@@ -45,7 +47,8 @@ def _kill_backend_on_invoice_item(fake, pid, dsn):
 
 
 @e2e
-def test_crash_between_stripe_answer_and_commit_resumes_without_double_billing(site, client, make_user, api):
+def test_crash_between_stripe_answer_and_commit_resumes_without_double_billing(site, client, make_user, api,
+                                                                              admin_client):
     fake = site
     user = make_user("basic")
     subscribe(fake, client, user, "pro")
@@ -67,8 +70,12 @@ def test_crash_between_stripe_answer_and_commit_resumes_without_double_billing(s
     row = OverageInvoice.objects.get()
     assert row.state == "started" and row.stripe_invoice_item_id == ""  # ...but we never recorded it
 
-    overage_bill_ended_periods_task.delay()  # the periodic job resumes it with the same key
-    overage_bill_ended_periods_task.delay()
+    # Staff see it in admin and retry it; Stripe answers with the item it already made.
+    listing = admin_client.get("/admin/billing/overageinvoice/")
+    assert listing.status_code == 200 and b"started" in listing.content.lower()
+    response = admin_client.post("/admin/billing/overageinvoice/", {"action": "retry", "_selected_action": [row.pk]})
+    assert response.status_code == 302
+    overage_bill_ended_periods_task.delay()  # the periodic job (which would have resumed it) finds nothing to do
     row.refresh_from_db()
     items = fake.all("invoiceitem")
     assert len(items) == 1 and items[0]["amount"] == 150
@@ -120,3 +127,21 @@ def test_large_overage_is_billed_early_past_the_tier_threshold(site, client, mak
     assert [line["parent"]["invoice_item_details"]["invoice_item"] for line in invoice["lines"]["data"]] == [
         items[0]["id"]]
     assert fake.calls_to("POST", r"/v1/invoices")[0].idempotency_key == f"{row.idempotency_key}-invoice"
+
+
+@e2e
+def test_the_periodic_job_resumes_an_unfinished_item_by_itself(site, client, make_user, api):
+    fake = site
+    user = make_user("basic")
+    subscribe(fake, client, user, "pro")
+    assert consume(api, user, 50_010, "y-1").status_code == 201
+    period = UsagePeriod.objects.filter(account__user=user).latest("starts_at")
+    fake.fail_next = [("POST", r"/v1/invoiceitems", 503)] * 5  # Stripe down: no answer at all
+    with pytest.raises(ApplicationError):
+        overage_invoice_period_task.delay(period.pk, "upcoming_invoice")
+    fake.fail_next = []
+    row = OverageInvoice.objects.get()
+    assert row.state == "started" and "Stripe" in row.last_error and fake.all("invoiceitem") == []
+    overage_bill_ended_periods_task.delay()
+    row.refresh_from_db()
+    assert row.state == "created" and [i["amount"] for i in fake.all("invoiceitem")] == [1]

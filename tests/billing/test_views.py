@@ -118,3 +118,10 @@ def test_checkout_refuses_a_second_subscription(client, make_user, priced):
     response = client.post(reverse("billing:checkout"), {"tier": "enterprise", "interval": "month"},
                            HTTP_ACCEPT="application/json")
     assert response.status_code == 409 and response.json()["error"]["code"] == "already_subscribed"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", ["billing/overageinvoice", "billing/billingaccount", "billing/tierprice",
+                                  "djstripe/webhookeventtrigger"])
+def test_admin_pages_render(admin_client, page):
+    assert admin_client.get(f"/admin/{page}/").status_code == 200
