@@ -19,9 +19,13 @@ COPY pyproject.toml ./
 RUN pip install .
 
 COPY . .
-# Static files are collected into the image at build time; SECRET_KEY here only lets
-# the production settings load, it is not the key the containers run with.
-RUN SECRET_KEY=collectstatic-build-only python manage.py collectstatic --noinput -v 0
+# Static files are collected into the image at build time. The production settings
+# insist on their variables; these placeholders only let them load (collectstatic
+# connects to nothing): the containers run with the real ones from docker-compose.yml.
+RUN SECRET_KEY=build-only ALLOWED_HOSTS=build-only \
+    DATABASE_URL=postgres://build-only@127.0.0.1:5432/build-only REDIS_URL=redis://127.0.0.1:6379/0 \
+    STRIPE_SECRET_KEY=sk_test_build_only \
+    python manage.py collectstatic --noinput -v 0
 
 USER app
 EXPOSE 8000
