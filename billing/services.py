@@ -458,6 +458,11 @@ def invoice_payment_succeeded(*, invoice_id: str, now: datetime | None = None) -
     billing = _billing_for_customer(_id(data.get("customer")))
     if billing is None:
         return "unknown_customer"
+    # The subscription first: its rows are locked in the same order as a subscription
+    # webhook locks them (dj-stripe's row, then ours), so concurrent webhooks cannot deadlock.
+    subscription_id = _invoice_subscription_id(data)
+    if subscription_id:
+        subscription_refresh(subscription_id=subscription_id)
     with transaction.atomic():
         OverageInvoice.objects.filter(stripe_invoice_item_id__in=_invoice_item_ids(data)).exclude(
             state=OverageInvoice.State.PAID).update(state=OverageInvoice.State.PAID, stripe_invoice_id=invoice_id,
@@ -473,9 +478,6 @@ def invoice_payment_succeeded(*, invoice_id: str, now: datetime | None = None) -
         account.save(update_fields=["billing_hold", "status"])
         if was_held:
             account_apply_terms(account=account, now=now)
-    subscription_id = _invoice_subscription_id(data)
-    if subscription_id:
-        subscription_refresh(subscription_id=subscription_id)
     return "paid"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import time_machine
@@ -221,3 +222,23 @@ def test_a_failed_webhook_is_kept_and_staff_retry_it_from_admin(site, client, ma
     trigger.refresh_from_db()
     assert trigger.processed and trigger.event_id == event["id"]
     assert _account(user).tier.slug == "enterprise"
+
+
+@e2e
+def test_concurrent_deliveries_apply_once(site, client, make_user, api):
+    """Stripe delivers the renewal's events at once, and each of them twice."""
+    fake = site
+    user = make_user("basic")
+    sub_id = subscribe(fake, client, user, "pro")
+    assert consume(api, user, 50_500, "k-1").status_code == 201
+    old = _current(user)
+    events = fake.subscription_renew(sub_id) * 3
+    with ThreadPoolExecutor(max_workers=len(events)) as pool:
+        results = list(pool.map(fake.deliver, events))
+    assert all(status == 200 for status, _ in results), results
+    periods = list(UsagePeriod.objects.filter(account__user=user).order_by("starts_at"))
+    assert periods[-2].pk == old.pk and periods[-1].used == 0
+    assert len([p for p in periods if p.starts_at > old.starts_at]) == 1
+    assert [i["amount"] for i in fake.all("invoiceitem")] == [50]
+    assert OverageInvoice.objects.count() == 1
+    assert _account(user).status == "active"
