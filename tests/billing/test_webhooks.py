@@ -242,3 +242,38 @@ def test_concurrent_deliveries_apply_once(site, client, make_user, api):
     assert [i["amount"] for i in fake.all("invoiceitem")] == [50]
     assert OverageInvoice.objects.count() == 1
     assert _account(user).status == "active"
+
+
+@e2e
+def test_a_customer_made_outside_the_app_is_linked_through_its_metadata(site, make_user):
+    """Staff created the customer and subscription in Stripe's dashboard; dj-stripe links
+    the customer to the user (metadata djstripe_subscriber) and the account follows."""
+    fake = site
+    user = make_user("basic")
+    auth = f"Bearer {fake.secret_key}"
+    _, customer = fake.handle("POST", "/v1/customers", {"email": user.email, "metadata": {
+        "djstripe_subscriber": str(user.pk)}}, idempotency_key=None, authorization=auth)
+    _, session = fake.handle("POST", "/v1/checkout/sessions", {
+        "mode": "subscription", "customer": customer["id"], "success_url": "https://example.com/ok",
+        "line_items": [{"price": price_id(fake, "enterprise_monthly"), "quantity": "1"}]},
+        idempotency_key=None, authorization=auth)
+    deliver_all(fake, fake.checkout_complete(session["id"]))
+    assert _account(user).tier.slug == "enterprise"
+    assert BillingAccount.objects.get(account__user=user).stripe_customer_id == customer["id"]
+
+
+@e2e
+def test_a_subscription_of_an_unknown_customer_changes_nothing(site, make_user, caplog):
+    fake = site
+    user = make_user("basic")
+    auth = f"Bearer {fake.secret_key}"
+    _, customer = fake.handle("POST", "/v1/customers", {"email": "stranger@example.com"}, idempotency_key=None,
+                              authorization=auth)
+    _, session = fake.handle("POST", "/v1/checkout/sessions", {
+        "mode": "subscription", "customer": customer["id"], "success_url": "https://example.com/ok",
+        "line_items": [{"price": price_id(fake, "pro_monthly"), "quantity": "1"}]},
+        idempotency_key=None, authorization=auth)
+    with caplog.at_level(logging.WARNING, logger="billing.services"):
+        deliver_all(fake, fake.checkout_complete(session["id"]))
+    assert any("belongs to no account" in r.getMessage() for r in caplog.records)
+    assert _account(user).tier.slug == "basic" and not BillingAccount.objects.exists()
