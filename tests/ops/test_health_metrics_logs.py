@@ -241,3 +241,34 @@ def test_overage_billed_is_read_from_the_invoice_items(make_user):
     assert sample(samples, "ct_overage_invoiced_cents_total", state="created") == 250
     assert sample(samples, "ct_overage_invoiced_cents_total", state="paid") == 100
     assert sample(samples, "ct_overage_invoice_items_total", state="created") == 2
+
+
+def test_monitor_refreshes_until_interrupted():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from .conftest import ROOT, database_url
+
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.test", "DATABASE_URL": database_url()}
+    process = subprocess.Popen([sys.executable, "manage.py", "monitor_tokens", "--interval", "0.3"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: process.stdout.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 30
+    while "".join(seen).count("\x1b[2J") < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    err = process.stderr.read()
+    process.wait(timeout=20)
+    reader.join(timeout=5)
+    out = "".join(seen)
+    assert process.returncode == 0, err
+    frames = out.split("\x1b[2J\x1b[H")[1:]
+    assert len(frames) >= 3, out  # it redrew the screen
+    assert all("Operations/s:" in frame and "Top users (last hour)" in frame for frame in frames)
+    assert "Traceback" not in err
