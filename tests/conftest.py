@@ -35,12 +35,23 @@ def django_db_setup(django_db_setup, django_db_blocker):
         _seed_reference_data()
 
 
-@pytest.fixture(autouse=True)
-def _reseed_for_transactional_tests(request):
-    marker = request.node.get_closest_marker("django_db")
-    if (marker and marker.kwargs.get("transaction")) or "transactional_db" in request.fixturenames:
-        request.getfixturevalue("transactional_db")
-        _seed_reference_data()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After a transactional test's flush, put back what migrations made, so the tests that
+    follow (and the next --reuse-db run) find the seed's tiers, operation types and providers."""
+    result = yield
+    marker = item.get_closest_marker("django_db")
+    if (marker and marker.kwargs.get("transaction")) or "transactional_db" in getattr(item, "fixturenames", ()):
+        from pytest_django.plugin import blocking_manager_key
+
+        with item.config.stash[blocking_manager_key].unblock():
+            _seed_reference_data()
+            if marker and marker.kwargs.get("available_apps"):
+                # a flush limited to some apps skips post_migrate: content types and permissions are gone
+                from django.core.management.sql import emit_post_migrate_signal
+
+                emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
+    return result
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from rest_framework.test import APIClient
 from metering.models import LedgerEntry, UsagePeriod
 from metering.services import account_for_user, ledger_reconcile, usage_get
 
-from .conftest import consume_body, key_client
+from .conftest import FLUSHED_APPS, consume_body, key_client
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TIME = datetime(2026, 11, 17, 15, 30, tzinfo=dt_timezone.utc)
@@ -85,13 +85,14 @@ def test_reconcile_reports_drift_in_process(make_user, api):
 
 
 def _manage(*args: str) -> subprocess.CompletedProcess:
+    db = connection.settings_dict  # the server the tests use (scripts/test.sh may have started it on any port)
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.test",
-           "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{connection.settings_dict['NAME']}"}
+           "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"}
     return subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
 
 
-@pytest.mark.django_db(transaction=True)
+@pytest.mark.django_db(transaction=True, available_apps=FLUSHED_APPS)
 def test_reconcile_exits_non_zero_on_drift(make_user, api):
     user = make_user()
     api.post("/api/tokens/consume", consume_body(user, "x", 100), format="json")

@@ -7,12 +7,9 @@ import pytest
 from metering.models import AuditLog, LedgerEntry, Reservation
 from metering.services import ledger_reconcile
 
-from .conftest import consume_body, current_period, key_client, run_concurrently
+from .conftest import FLUSHED_APPS, consume_body, current_period, key_client, run_concurrently
 
-# Only these apps' tables are flushed after each test (not dj-stripe's sixty): the flush is most of the time.
-APPS = ["django.contrib.contenttypes", "django.contrib.auth", "django.contrib.sessions", "metering", "billing",
-        "alerts"]
-pytestmark = [pytest.mark.django_db(transaction=True, available_apps=APPS),
+pytestmark = [pytest.mark.django_db(transaction=True, available_apps=FLUSHED_APPS),
               pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "orm"])]
 
 THREADS = 64
