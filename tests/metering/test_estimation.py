@@ -236,3 +236,15 @@ def test_encodings_load_offline_from_an_empty_cache(tmp_path):
     counts = dict(line.split() for line in done.stdout.splitlines())
     assert counts == {name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")}
     assert len(list(tmp_path.iterdir())) == 2
+
+
+@pytest.mark.django_db
+def test_estimates_still_work_when_the_cache_is_down(api, make_user, settings):
+    user = make_user()
+    expected = api.post("/api/tokens/estimate", estimate_body(user), format="json").json()["tokens"]
+    settings.CACHES = {**settings.CACHES, "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+                                                      "LOCATION": "redis://127.0.0.1:1/0"}}  # nothing listens there
+    for _ in range(2):
+        response = api.post("/api/tokens/estimate", estimate_body(user), format="json")
+        assert response.status_code == 200, response.content
+        assert response.json()["tokens"] == expected and response.json()["cached"] is False

@@ -1,0 +1,128 @@
+"""POST /api/tokens/consume: exactly once per (user, operation id), the same
+answer from either path, and data-driven operation types and providers."""
+from __future__ import annotations
+
+import pytest
+from django.conf import settings
+
+from metering.models import LedgerEntry, OperationType, Provider, Tier
+from metering.services import account_change_tier, account_for_user, ledger_reconcile
+
+from .conftest import consume_body, current_period
+
+pytestmark = pytest.mark.django_db
+
+CONSUME = "/api/tokens/consume"
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "orm"])
+def path(request, settings):
+    settings.METERING_FAST_PATH = request.param
+    return request.param
+
+
+def test_fast_and_orm_paths_answer_alike(api, make_user, settings, spend):
+    bodies = []
+    for fast in (True, False):
+        settings.METERING_FAST_PATH = fast
+        user = make_user("enterprise")
+        spend(user, 199_000)
+        response = api.post(CONSUME, consume_body(user, "same", 2_234, "consensus", provider="anthropic",
+                                                  model="claude-sonnet-4", estimatedTokens=2_000), format="json")
+        assert response.status_code == 201, response.content
+        bodies.append(response.json())
+    for body in bodies:
+        assert set(body) == {"operationId", "entryId", "tokens", "recordedAt", "usage"}
+        assert body["recordedAt"].endswith("Z")
+        body.pop("entryId"), body.pop("recordedAt")
+    assert bodies[0] == bodies[1]
+    assert bodies[0]["usage"] == {**bodies[0]["usage"], "tier": "enterprise", "used": 201_234, "reserved": 0,
+                                  "usagePercentage": 100.61, "status": "exceeded",
+                                  "overage": {"tokens": 1_234, "charge": "0.9872"}}
+
+
+def test_replay_answers_200_with_the_same_body(api, make_user, path):
+    user = make_user()
+    body = consume_body(user, "op", 120, provider="openai", model="gpt-4o", estimatedTokens=100)
+    first = api.post(CONSUME, body, format="json")
+    assert first.status_code == 201 and "Idempotent-Replayed" not in first
+    again = api.post(CONSUME, body, format="json")
+    assert again.status_code == 200 and again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert current_period(user).used == 120
+
+
+@pytest.mark.parametrize("change", [{"tokens": 121}, {"operationType": "analysis"}, {"provider": "anthropic"},
+                                    {"model": "gpt-4.1"}, {"estimatedTokens": 99}, {"estimatedTokens": None}])
+def test_same_operation_id_with_another_body_is_409(api, make_user, path, change):
+    user = make_user()
+    body = consume_body(user, "op", 120, provider="openai", model="gpt-4o", estimatedTokens=100)
+    api.post(CONSUME, body, format="json")
+    conflict = api.post(CONSUME, {**body, **change}, format="json")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "operation_id_conflict"
+    assert current_period(user).used == 120
+    assert LedgerEntry.objects.count() == 1
+
+
+def test_operation_ids_are_per_user(api, make_user, path):
+    a, b = make_user(), make_user()
+    assert api.post(CONSUME, consume_body(a, "shared", 10), format="json").status_code == 201
+    assert api.post(CONSUME, consume_body(b, "shared", 20), format="json").status_code == 201
+    assert (current_period(a).used, current_period(b).used) == (10, 20)
+
+
+def test_a_refusal_is_not_remembered(api, make_user, path, spend):
+    user = make_user()
+    spend(user, 14_950)
+    body = consume_body(user, "later", 100)
+    refused = api.post(CONSUME, body, format="json")
+    assert refused.status_code == 402
+    assert refused.json()["error"] == {**refused.json()["error"], "code": "token_cap_exceeded", "available": 50,
+                                       "cap": 15_000}
+    assert current_period(user).used == 14_950
+    account_change_tier(account=account_for_user(user_id=user.pk), tier=Tier.objects.get(slug="pro"), actor="s",
+                        reason="upgrade")
+    assert api.post(CONSUME, body, format="json").status_code == 201  # the same operation id, now with room
+    assert current_period(user).used == 15_050
+
+
+def test_the_largest_request_is_allowed_through_validation(api, make_user, path):
+    user = make_user("enterprise")  # cap 600,000
+    maximum = api.post(CONSUME, consume_body(user, "max", settings.MAX_TOKENS_PER_REQUEST), format="json")
+    assert maximum.status_code == 402  # valid, but past this user's cap
+    over = api.post(CONSUME, consume_body(user, "max", settings.MAX_TOKENS_PER_REQUEST + 1), format="json")
+    assert over.status_code == 400
+    assert api.post(CONSUME, consume_body(user, "cap", 600_000), format="json").status_code == 201
+
+
+def test_a_user_without_a_tier_cannot_spend(api, make_user, path):
+    user = make_user(tier=None)
+    refused = api.post(CONSUME, consume_body(user, "x", 1), format="json")
+    assert refused.status_code == 402
+    usage = api.get(f"/api/tokens/usage?userId={user.pk}").json()
+    assert (usage["tier"], usage["limit"], usage["cap"]) == (None, 0, 0)
+
+
+def test_new_operation_types_and_providers_need_no_deploy(api, make_user, path):
+    user = make_user()
+    OperationType.objects.create(slug="translation", name="Translation", base_tokens=150)
+    Provider.objects.create(slug="mistral", name="Mistral", counting="calibrated", default_encoding="o200k_base",
+                            chars_per_token="3.8", words_per_token="0.7")
+    consumed = api.post(CONSUME, consume_body(user, "t", 10, "translation", provider="mistral"), format="json")
+    assert consumed.status_code == 201, consumed.content
+    estimate = api.post("/api/tokens/estimate", {"userId": user.pk, "operationType": "translation",
+                                                 "provider": "mistral", "topic": ""}, format="json").json()
+    assert (estimate["tokens"], estimate["provider"], estimate["encoding"]) == (150, "mistral", "o200k_base")
+
+
+def test_retired_operation_types_and_providers_are_refused(api, make_user, path):
+    user = make_user()
+    OperationType.objects.filter(slug="comparison").update(active=False)
+    Provider.objects.filter(slug="anthropic").update(active=False)
+    gone = api.post(CONSUME, consume_body(user, "c", 10, "comparison"), format="json")
+    assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_operation_type"
+    gone = api.post(CONSUME, consume_body(user, "a", 10, provider="anthropic"), format="json")
+    assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_provider"
+    assert not LedgerEntry.objects.exists()
+    assert ledger_reconcile() == []
