@@ -146,12 +146,13 @@ def test_user_id_must_be_a_positive_integer(api, user, path, base, user_id):
 
 
 @pytest.mark.parametrize("path,base", ALL_POST_ENDPOINTS)
-def test_unknown_user_is_404_unknown_user(api, user, path, base):
+@pytest.mark.parametrize("unknown", [UNKNOWN_USER_ID, 2**31, 2**63 - 1], ids=["9e9", "past-int32", "max-bigint"])
+def test_unknown_user_is_404_unknown_user(api, user, path, base, unknown):
     body = base(user)
     if "operations" in body:
-        body["operations"][0]["userId"] = UNKNOWN_USER_ID
+        body["operations"][0]["userId"] = unknown
     else:
-        body["userId"] = UNKNOWN_USER_ID
+        body["userId"] = unknown
     assert_error(api.post(path, body, format="json"), 404, "unknown_user")
 
 
@@ -295,8 +296,9 @@ def test_read_endpoints_validate_user_id(api, path, query):
 
 
 @pytest.mark.parametrize("path", ["/api/tokens/usage", "/api/tokens/history"])
-def test_read_endpoints_unknown_user_is_404(api, path):
-    assert_error(api.get(f"{path}?userId={UNKNOWN_USER_ID}"), 404, "unknown_user")
+@pytest.mark.parametrize("unknown", [UNKNOWN_USER_ID, 2**63 - 1])
+def test_read_endpoints_unknown_user_is_404(api, path, unknown):
+    assert_error(api.get(f"{path}?userId={unknown}"), 404, "unknown_user")
 
 
 @pytest.mark.parametrize("query,field", [
