@@ -1,0 +1,296 @@
+"""Run the issue-2 benchmarks end to end and print a results table.
+
+    python bench/run.py                 # everything, about 4 minutes
+    python bench/run.py --rounds 3      # the HTTP runs three times, best and spread reported
+    python bench/run.py --only consume,bare --duration 5
+
+Steps: create the bench_consensus database if missing, migrate it, seed it
+(bench/seed.py, idempotent), start gunicorn with consensus_tokens/gunicorn.conf.py
+and bench.settings on a free loopback port, drive it with wrk from a second
+process (Lua scripts in bench/), time estimation in-process (bench/estimate.py),
+stop gunicorn, print the table. Nothing outside the bench database and Redis db 9
+is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
+DB_NAME = os.environ.get("BENCH_DB", "bench_consensus")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
+STEPS = ("bare", "consume", "batch", "history", "estimate")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def bench_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "DJANGO_SETTINGS_MODULE": "bench.settings",
+        "DATABASE_URL": f"{PG}/{DB_NAME}",
+        "REDIS_URL": REDIS_URL,
+        "PYTHONPATH": str(ROOT),
+    })
+    env.update(extra or {})
+    return env
+
+
+def prepare(users: int) -> dict[str, str]:
+    """Database, migrations and seed data; returns the seed's KEY=VALUE lines."""
+    exists = subprocess.run(["psql", f"{PG}/postgres", "-tAc", f"SELECT 1 FROM pg_database WHERE datname='{DB_NAME}'"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    if not exists:
+        log(f"creating database {DB_NAME}")
+        subprocess.run(["psql", f"{PG}/postgres", "-qc", f'CREATE DATABASE "{DB_NAME}"'], check=True)
+    log("migrating")
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=bench_env(), check=True)
+    log("seeding")
+    out = subprocess.run([sys.executable, "-m", "bench.seed", "--users", str(users)], cwd=ROOT, env=bench_env(),
+                         capture_output=True, text=True, check=True).stdout
+    seed = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    for line in out.splitlines():
+        if "=" not in line:
+            log(line)
+    return seed
+
+
+def vacuum() -> None:
+    """This server runs with autovacuum off, so the counters' hot rows would bloat
+    from run to run; production vacuums them continuously. Cheap: a few MB."""
+    subprocess.run(["psql", f"{PG}/{DB_NAME}", "-qc",
+                    "VACUUM ANALYZE metering_usageperiod, metering_account, metering_servicekey, metering_tier"],
+                   check=True, capture_output=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """gunicorn with the project's config file, on a free loopback port."""
+
+    def __init__(self, *, workers: int, worker_class: str, threads: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = ROOT / "artifacts" / "bench-gunicorn.log"
+        self.log_path.parent.mkdir(exist_ok=True)
+        env = bench_env({"GUNICORN_BIND": f"127.0.0.1:{self.port}", "GUNICORN_WORKERS": str(workers),
+                         "GUNICORN_WORKER_CLASS": worker_class, "GUNICORN_THREADS": str(threads),
+                         "GUNICORN_LOG_LEVEL": "warning"})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "consensus_tokens/gunicorn.conf.py", "consensus_tokens.wsgi"],
+            cwd=ROOT, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"gunicorn exited; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/bench/bare", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit("gunicorn did not answer in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+@dataclass
+class Run:
+    name: str
+    rps: list[float] = field(default_factory=list)
+    p50: list[float] = field(default_factory=list)
+    p99: list[float] = field(default_factory=list)
+    errors: int = 0
+    ops_per_request: int = 1
+
+    def add(self, r: dict) -> None:
+        self.rps.append(r["rps"])
+        self.p50.append(r["p50_ms"])
+        self.p99.append(r["p99_ms"])
+        self.errors += r["errors"]
+
+    @property
+    def best(self) -> int:  # index of the best round (highest throughput)
+        return max(range(len(self.rps)), key=lambda i: self.rps[i])
+
+    def spread(self) -> str:
+        if len(self.rps) < 2:
+            return ""
+        return f"{min(self.rps):.0f}–{max(self.rps):.0f}"
+
+
+def wrk(url: str, script: str, *, connections: int, duration: float, threads: int = 2,
+        env: dict[str, str] | None = None) -> dict:
+    cmd = ["wrk", f"-t{min(threads, connections)}", f"-c{connections}", f"-d{int(round(duration))}s", "--timeout", "5s",
+           "-s", f"bench/{script}", url]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                         timeout=duration + 60)
+    match = re.search(r"^WRK_JSON (.*)$", out.stdout, re.M)
+    if out.returncode != 0 or match is None:
+        raise SystemExit(f"wrk failed: {out.stdout}\n{out.stderr}")
+    return json.loads(match.group(1))
+
+
+def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) -> dict[str, Run]:
+    first, last = seed["USERS"].split("-")
+    base = {"BENCH_KEY": seed["BENCH_KEY"], "BENCH_USER_FIRST": first, "BENCH_USER_LAST": last}
+    runs: dict[str, Run] = {}
+    d = args.duration
+    c = args.connections
+
+    def measure(name: str, script: str, *, path: str = "/", conns: int = c, duration: float = d,
+                ops: int = 1, **extra: str) -> None:
+        env = {**base, "BENCH_RUN": f"{int(time.time() * 1000)}{name}", **extra}
+        vacuum()
+        result = wrk(server.url + path, script, connections=conns, duration=duration, env=env)
+        run = runs.setdefault(name, Run(name, ops_per_request=ops))
+        run.add(result)
+        log(f"{name}: {result['rps'] * ops:,.0f} {'ops' if ops > 1 else 'req'}/s p50 {result['p50_ms']:.2f} ms "
+            f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}")
+
+    # Warm every worker: imports, connections, tiktoken-free paths, plan caches.
+    for script, path in (("bare.lua", "/bench/bare"), ("consume.lua", "/"), ("usage.lua", "/")):
+        wrk(server.url + path, script, connections=c, duration=2, env={**base, "BENCH_RUN": f"warm{time.time()}"})
+    for round_ in range(args.rounds):
+        log(f"round {round_ + 1}/{args.rounds}")
+        if "bare" in args.only:
+            measure("bare", "bare.lua", path="/bench/bare")
+        if "consume" in args.only:
+            measure("consume", "consume.lua")
+        if "batch" in args.only:
+            measure("batch", "batch.lua", conns=args.batch_connections, ops=args.batch_size,
+                    BENCH_BATCH=str(args.batch_size))
+        if "history" in args.only:
+            for label in ("1K", "1M"):
+                user = seed[f"HIST_{label}"]
+                one = {"BENCH_USER_FIRST": user, "BENCH_USER_LAST": user}
+                measure(f"usage_{label.lower()}", "usage.lua", duration=max(3, d / 2), **one)
+                measure(f"consume_{label.lower()}", "consume.lua", duration=max(3, d / 2), **one)
+    return runs
+
+
+def estimate_timing(args: argparse.Namespace) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.estimate", "--json"], cwd=ROOT, env=bench_env(),
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def report(runs: dict[str, Run], est: dict | None, args: argparse.Namespace, started: float) -> str:
+    rows: list[tuple[str, str, str, str]] = []  # measure, value, target, verdict
+
+    def verdict(ok: bool) -> str:
+        return "PASS" if ok else "FAIL"
+
+    bare = runs.get("bare")
+    bare_rps = bare.rps[bare.best] if bare else None
+    if bare:
+        i = bare.best
+        rows.append(("bare DRF GET (reference)", f"{bare.rps[i]:,.0f} req/s, p99 {bare.p99[i]:.1f} ms", "-", "-"))
+    if "consume" in runs:
+        r = runs["consume"]
+        i = r.best
+        ratio = r.rps[i] / bare_rps if bare_rps else float("nan")
+        rows.append((f"consume, {args.connections} connections", f"{r.rps[i]:,.0f} req/s = {ratio:.2f}x bare",
+                     ">= 0.5x bare", verdict(ratio >= 0.5 and r.errors == 0)))
+        rows.append(("consume p99", f"{r.p99[i]:.1f} ms (p50 {r.p50[i]:.1f})", "< 15 ms", verdict(r.p99[i] < 15)))
+    if "batch" in runs:
+        r = runs["batch"]
+        i = r.best
+        ops = r.rps[i] * r.ops_per_request
+        rows.append((f"batch of {r.ops_per_request}, {args.batch_connections} connections",
+                     f"{ops:,.0f} ops/s (p50 {r.p50[i]:.0f} ms/batch)", ">= 20,000 ops/s",
+                     verdict(ops >= 20_000 and r.errors == 0)))
+    for kind in ("usage", "consume"):
+        a, b = runs.get(f"{kind}_1k"), runs.get(f"{kind}_1m")
+        if a and b:
+            ta, tb = 1000 / a.rps[a.best], 1000 / b.rps[b.best]  # ms of server time per request, at c connections
+            diff = abs(tb - ta) / ta
+            label = "GET usage" if kind == "usage" else "consume (one user)"
+            rows.append((f"{label}: 1K vs 1M ledger rows",
+                         f"{a.rps[a.best]:,.0f} vs {b.rps[b.best]:,.0f} req/s, p50 {a.p50[a.best]:.2f} vs "
+                         f"{b.p50[b.best]:.2f} ms ({diff:.0%} apart)", "within 20%",
+                         verdict(diff <= 0.20 and a.errors == b.errors == 0)))
+    if est:
+        rows.append(("estimate 100 kB, uncached", f"{est['uncached_ms']:.2f} ms (median of {est['repeats']})",
+                     "< 15 ms", verdict(est["uncached_ms"] < 15)))
+        rows.append(("estimate 100 kB, cached", f"{est['cached_ms']:.3f} ms (median of {est['repeats']})",
+                     "< 1 ms", verdict(est["cached_ms"] < 1)))
+    widths = [max(len(r[k]) for r in rows + [("measure", "value", "target", "")]) for k in range(4)]
+    lines = [f"Benchmark {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
+             f"gunicorn {args.workers}x{args.worker_class}"
+             + (f"/{args.threads} threads" if args.worker_class == "gthread" else "")
+             + f", {args.rounds} round(s) of {args.duration:g} s, best round shown, {time.time() - started:.0f} s total"]
+    header = ("measure", "value", "target", "")
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows)
+    spreads = [f"{name} {run.spread()}" for name, run in runs.items() if run.spread()]
+    if spreads:
+        lines.append("spread across rounds (req/s): " + "; ".join(spreads))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=10, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-connections", type=int, default=4)
+    parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("GUNICORN_WORKERS", 5)))
+    parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", "sync"))
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", 1)))
+    parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
+    parser.add_argument("--json", type=Path, help="also write the raw figures here")
+    args = parser.parse_args()
+    args.only = set(args.only.split(","))
+    if shutil.which("wrk") is None and args.only - {"estimate"}:
+        raise SystemExit("wrk is needed: apt-get install -y wrk")
+    started = time.time()
+    seed = prepare(args.users)
+    runs: dict[str, Run] = {}
+    if args.only - {"estimate"}:
+        server = Server(workers=args.workers, worker_class=args.worker_class, threads=args.threads)
+        try:
+            server.wait_ready()
+            runs = http_rounds(server, seed, args)
+        finally:
+            server.stop()
+    est = estimate_timing(args) if "estimate" in args.only else None
+    table = report(runs, est, args, started)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"runs": {k: vars(v) for k, v in runs.items()}, "estimate": est}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

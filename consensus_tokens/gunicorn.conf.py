@@ -1,0 +1,56 @@
+"""gunicorn settings for the web service: `gunicorn -c consensus_tokens/gunicorn.conf.py consensus_tokens.wsgi`.
+
+Every value can be overridden from the environment (GUNICORN_*), or on the
+command line. The defaults are what bench/ measured best on a 2-core machine:
+the API's requests are short and mostly wait on PostgreSQL, so a few more sync
+processes than cores keep both cores busy; threads add little under the GIL.
+"""
+import gc
+import multiprocessing
+import os
+import shutil
+import tempfile
+
+bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("GUNICORN_WORKERS", multiprocessing.cpu_count() * 2 + 1))
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+threads = int(os.environ.get("GUNICORN_THREADS", "1"))
+# Keep-alive only matters to threaded workers (sync workers close after each response).
+keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "5"))
+timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "30"))
+# Recycle workers now and then (with jitter, so they do not all restart at once).
+max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "100000"))
+max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "10000"))
+# Load the app before forking: workers share its memory and start at once. Each
+# worker still opens its own database connection after the fork.
+preload_app = os.environ.get("GUNICORN_PRELOAD", "true").lower() in ("1", "true", "yes")
+accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
+errorlog = "-"
+loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
+
+# Prometheus: with several worker processes each writes its samples to files in
+# this directory and a scrape of /metrics adds them up (consensus_tokens/metrics.py).
+# It must be set before prometheus_client is imported, so here, not in Django.
+_own_metrics_dir = None
+if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _own_metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="ct-prometheus-")
+
+
+def when_ready(server):
+    # Everything loaded so far (Django, the app, its imports) lives as long as the
+    # process: move it out of the garbage collector's sight, so the collections a
+    # large request triggers (a 1,000-item batch) only walk what requests created.
+    gc.freeze()
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    if _own_metrics_dir:
+        shutil.rmtree(_own_metrics_dir, ignore_errors=True)
