@@ -19,6 +19,7 @@ from consensus_tokens.errors import ApplicationError, validation_fields
 
 from . import selectors, services
 from .services import ConsumeRequest, RequestContext
+from .fast_validation import plain_validator
 from .services.audit import known_user_id
 
 
@@ -216,6 +217,19 @@ class ConsumeInput(serializers.Serializer):
                               estimated_tokens=data["estimatedTokens"])
 
 
+# Valid, plain consume items skip DRF's per-field machinery (same result; anything
+# else, errors included, still goes through ConsumeInput). See metering/fast_validation.py.
+_consume_plain = plain_validator(ConsumeInput, narrowing=(StrictIntegerField,))
+
+
+def _consume_batch_plain(data: Any) -> dict[str, Any] | None:
+    operations = data.get("operations") if type(data) is dict else None
+    if type(operations) is not list or not 1 <= len(operations) <= services.MAX_BATCH:
+        return None
+    items = [_consume_plain(item) for item in operations]
+    return None if None in items else {"operations": items}
+
+
 class ConsumeOutput(serializers.Serializer):
     operationId = serializers.CharField()
     entryId = serializers.IntegerField()
@@ -230,7 +244,7 @@ class ConsumeApi(JsonApi):
     @extend_schema(request=ConsumeInput, responses={200: ConsumeOutput, 201: ConsumeOutput, 402: ErrorOutput,
                                                     409: ErrorOutput, **ERRORS})
     def post(self, request: Request) -> Response:
-        data = _valid(ConsumeInput, request)
+        data = _consume_plain(request.data) or _valid(ConsumeInput, request)
         consume = ConsumeInput().to_request(data)
         ctx = request_context(request)
         try:
@@ -263,10 +277,11 @@ class BatchConsumeApi(JsonApi):
                                                        **ERRORS})
     def post(self, request: Request) -> Response:
         try:
-            data = _valid(self.InputSerializer, request)
+            data = _consume_batch_plain(request.data) or _valid(self.InputSerializer, request)
         except serializers.ValidationError as error:
             raise _naming_the_item(error) from None
-        requests = [ConsumeInput().to_request(item) for item in data["operations"]]
+        to_request = ConsumeInput().to_request
+        requests = [to_request(item) for item in data["operations"]]
         ctx = request_context(request)
         try:
             results = services.usage_consume_batch(requests=requests, ctx=ctx)

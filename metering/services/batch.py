@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, IntegerField, Value, When
 from django.utils import timezone
 
@@ -37,6 +38,15 @@ class BatchItemResult:
 
 
 def usage_consume_batch(*, requests: list[ConsumeRequest], ctx: RequestContext) -> list[BatchItemResult]:
+    if settings.METERING_FAST_PATH and connection.vendor == "postgresql":
+        from .fast_consume import consume_batch_fast
+
+        try:  # all fresh and within caps: a few set-based statements; anything else is answered below
+            fast = consume_batch_fast(requests=requests, ctx=ctx)
+        except IntegrityError:
+            fast = None  # an operation id recorded concurrently: nothing kept, the ORM path replays it
+        if fast is not None:
+            return fast
     try:
         return _consume_batch(requests, ctx)
     except IntegrityError:
