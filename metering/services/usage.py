@@ -364,10 +364,13 @@ def _record_consumption(*, account: Account, period: UsagePeriod, request: Consu
     reservation = None
     if request.reservation_id:
         reservation = _reservation_for(account, request.reservation_id, lock=True)
-        if reservation.status != Reservation.Status.HELD:
+        # past its expiry a hold is expired whether or not the cleanup job has run yet,
+        # so the answer does not depend on that job's timing
+        status = Reservation.Status.EXPIRED if reservation.expires_at <= now else reservation.status
+        if status != Reservation.Status.HELD:
             raise ReservationExpired(
-                f"Reservation {request.reservation_id} is {reservation.status}; consume without reservationId.",
-                extra={"status": reservation.status})
+                f"Reservation {request.reservation_id} is {status}; consume without reservationId.",
+                extra={"status": status})
         if reservation.period_id == period.pk:
             reserved_delta = -reservation.tokens
         else:  # held in a period that has ended: free it there, charge this one

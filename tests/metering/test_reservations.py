@@ -170,3 +170,23 @@ def test_stale_holds_expire_and_cannot_be_settled(api, user):
     assert current_period(user).used == 950
     assert LedgerEntry.objects.get(kind="release", reservation_id=stale["reservationId"]).reason == "expired"
     assert ledger_reconcile() == []
+
+
+def test_a_hold_past_its_expiry_cannot_be_settled_even_before_cleanup(api, user):
+    start = timezone.now()
+    hold = reserve(api, user, 600, ttlSeconds=60)
+    body = consume_body(user, "slow-op", 650, reservationId=hold["reservationId"])
+    with time_machine.travel(start + timedelta(seconds=61), tick=False):
+        settle = api.post("/api/tokens/consume", body, format="json")
+        assert settle.status_code == 409
+        assert settle.json()["error"]["code"] == "reservation_expired"
+        assert settle.json()["error"]["status"] == "expired"
+        assert current_period(user).reserved == 600  # until the cleanup job frees it
+        assert reservations_expire_stale() == 1
+        assert current_period(user).reserved == 0
+    with time_machine.travel(start + timedelta(seconds=59), tick=False):
+        fresh = reserve(api, user, 100, ttlSeconds=60)
+        settled = api.post("/api/tokens/consume", consume_body(user, "quick-op", 90,
+                                                               reservationId=fresh["reservationId"]), format="json")
+        assert settled.status_code == 201
+    assert ledger_reconcile() == []
