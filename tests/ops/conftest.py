@@ -29,7 +29,9 @@ from django.db import connection
 from consensus_tokens import ratelimit
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# scripts/test.sh says where the server binaries are and whom to run them as (see scripts/services.sh).
+PG_BIN = Path(os.environ.get("CT_PG_BINDIR") or "/usr/lib/postgresql/15/bin")
+PG_USER = os.environ.get("CT_PG_USER", "postgres")
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +69,8 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def database_url(name: str | None = None, port: int = 5432) -> str:
+def database_url(name: str | None = None, port: int | None = None) -> str:
+    port = port or connection.settings_dict["PORT"] or 5432
     return f"postgres://postgres@127.0.0.1:{port}/{name or connection.settings_dict['NAME']}"
 
 
@@ -135,8 +138,9 @@ def run_gunicorn(*, workers: int = 2, threads: int = 4, env: dict[str, str] | No
 def run_redis() -> Iterator[tuple[int, subprocess.Popen]]:
     """A throwaway redis-server on a free port, without persistence."""
     port = free_port()
-    process = subprocess.Popen(["/usr/bin/redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([os.environ.get("CT_REDIS_SERVER") or "/usr/bin/redis-server", "--port", str(port),
+                                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: port_open(port), 10, "redis-server")
         yield port, process
@@ -156,8 +160,8 @@ class PostgresCluster:
         self.data = self.dir / "data"
 
     def _as_postgres(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True,
-                              timeout=timeout, check=True)
+        command = ["runuser", "-u", PG_USER, "--", *args] if PG_USER else list(args)
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
 
     def init(self) -> None:
         self._as_postgres(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
