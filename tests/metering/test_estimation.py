@@ -49,7 +49,8 @@ def reference_count(encoding: str, text: str) -> int:
 
 
 def ratio_floor(text: str) -> int:
-    return max(math.ceil(Fraction(len(text)) / Fraction(7, 2)), math.ceil(Fraction(len(text.split())) / Fraction(7, 10)))
+    by_chars = math.ceil(Fraction(len(text)) / Fraction(7, 2))
+    return max(by_chars, math.ceil(Fraction(len(text.split())) / Fraction(7, 10)))
 
 
 def estimate_body(user, **overrides) -> dict:

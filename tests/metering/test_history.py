@@ -22,7 +22,8 @@ def history_user(api, make_user):
     for day, op, kind in [(3, "c-3", "summary"), (5, "c-5a", "summary"), (5, "c-5b", "analysis"),
                           (7, "c-7", "consensus")]:
         with time_machine.travel(at(day), tick=False):
-            assert api.post("/api/tokens/consume", consume_body(user, op, day * 10, kind), format="json").status_code == 201
+            response = api.post("/api/tokens/consume", consume_body(user, op, day * 10, kind), format="json")
+            assert response.status_code == 201
     with time_machine.travel(at(7, 13), tick=False):
         hold = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 99, "reserve": True,
                                               "operationId": "h", "operationType": "summary"}, format="json").json()

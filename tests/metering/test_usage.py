@@ -24,7 +24,8 @@ def usage_after(api, user, used: int) -> dict:
     ("basic", 7_500, "warning"), ("basic", 8_999, "warning"), ("basic", 9_000, "critical"),
     ("basic", 9_999, "critical"), ("basic", 10_000, "exceeded"), ("basic", 15_000, "exceeded"),
     # just under a boundary by less than the 0.01% the percentage is shown with
-    ("pro", 24_999, "low"), ("pro", 49_999, "critical"), ("pro", 49_998, "critical"), ("enterprise", 149_999, "moderate"),
+    ("pro", 24_999, "low"), ("pro", 49_999, "critical"), ("pro", 49_998, "critical"),
+    ("enterprise", 149_999, "moderate"),
     ("enterprise", 179_999, "warning"), ("enterprise", 199_999, "critical"), ("enterprise", 200_000, "exceeded"),
 ])
 def test_status_boundaries(api, make_user, tier, used, status):
