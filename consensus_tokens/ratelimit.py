@@ -206,13 +206,17 @@ class _TierLimits:
 
             if len(self.entries) > self.MAX_ENTRIES:
                 self.entries.clear()
-            # Plain SQL: this runs on most token requests of a large user base, and the
-            # ORM's query building cost several times the query itself (bench/).
-            with connection.cursor() as cursor:
-                cursor.execute(f"SELECT a.user_id, t.requests_per_hour FROM {Account._meta.db_table} a "
-                               f"LEFT JOIN {Tier._meta.db_table} t ON t.id = a.tier_id WHERE a.user_id = ANY(%s)",
-                               [missing])
-                rows = dict(cursor.fetchall())
+            if connection.vendor == "postgresql":
+                # Plain SQL: this runs on most token requests of a large user base, and the
+                # ORM's query building cost several times the query itself (bench/).
+                with connection.cursor() as cursor:
+                    cursor.execute(f"SELECT a.user_id, t.requests_per_hour FROM {Account._meta.db_table} a "
+                                   f"LEFT JOIN {Tier._meta.db_table} t ON t.id = a.tier_id "
+                                   "WHERE a.user_id = ANY(%s)", [missing])
+                    rows = dict(cursor.fetchall())
+            else:  # the embedded SQLite default has no arrays
+                rows = dict(Account.objects.filter(user_id__in=missing).values_list("user_id",
+                                                                                    "tier__requests_per_hour"))
             expires = now + settings.RATELIMIT_TIER_CACHE_SECONDS
             for uid in missing:
                 has_account = uid in rows
