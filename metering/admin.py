@@ -271,11 +271,26 @@ class ReleaseForm(forms.Form):
                       f"held since {r.created_at:%Y-%m-%d %H:%M} UTC, expires {r.expires_at:%H:%M}")
 
 
+class ResendAlertForm(forms.Form):
+    alert = forms.ChoiceField(label="Alert", help_text="Pending or failed alerts of this account; a failed one "
+                                                       "gets a fresh set of attempts.")
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}))
+
+    def __init__(self, *args, account: Account, **kwargs):
+        super().__init__(*args, **kwargs)
+        events = [] if alert_events_for_user is None else [
+            e for e in alert_events_for_user(user=account.user)[:200] if e.status in ("pending", "failed")]
+        self.fields["alert"].choices = [
+            (e.pk, f"{e} · {e.get_status_display()} · {e.created_at:%Y-%m-%d %H:%M} UTC · {e.recipient}")
+            for e in events]
+
+
 SUPPORT_ACTIONS = {
     "change-tier": ("Change tier", ChangeTierForm),
     "tokens": ("Grant or correct tokens", TokensForm),
     "reset": ("Reset the current period", ResetForm),
     "release": ("Release a stuck reservation", ReleaseForm),
+    "resend-alert": ("Resend an alert", ResendAlertForm),
 }
 
 
@@ -411,7 +426,7 @@ class AccountAdmin(admin.ModelAdmin):
         if not self.has_change_permission(request, account):
             raise PermissionDenied
         title, form_class = SUPPORT_ACTIONS[action]
-        kwargs = {"account": account} if form_class is ReleaseForm else {}
+        kwargs = {"account": account} if form_class in (ReleaseForm, ResendAlertForm) else {}
         initial = {"tier": account.tier_id} if form_class is ChangeTierForm else None
         form = form_class(request.POST or None, initial=initial, **kwargs)
         if request.method == "POST" and form.is_valid():
@@ -444,8 +459,18 @@ class AccountAdmin(admin.ModelAdmin):
         if action == "reset":
             period_reset(account=account, reason=reason, actor=actor)
             return f"{account.user}'s current period starts again from zero."
-        reservation = data["reservation"]
         ctx = RequestContext(actor=actor, client_ip=request.META.get("REMOTE_ADDR") or None)
+        if action == "resend-alert":
+            from alerts.services import alerts_requeue
+
+            with transaction.atomic():
+                queued = alerts_requeue(event_ids=[int(data["alert"])])
+                if not queued:
+                    raise ApplicationError("That alert is no longer pending or failed.", code="invalid_request")
+                audit_record(ctx=ctx, user_id=account.user_id, action="alert_resend", result="queued",
+                             detail={"reason": reason, "alertId": int(data["alert"])})
+            return "The alert is queued to be sent again."
+        reservation = data["reservation"]
         with transaction.atomic():
             reservation_release(user_id=account.user_id, reservation_id=str(reservation.pk), ctx=ctx)
             audit_record(ctx=ctx, user_id=account.user_id, action="support_release", result="recorded",

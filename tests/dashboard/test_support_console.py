@@ -170,3 +170,26 @@ def test_support_group_command_is_idempotent(db):
     codenames = set(group.permissions.values_list("codename", flat=True))
     assert {"change_account", "view_ledgerentry", "change_anomalyflag", "change_overageinvoice"} <= codenames
     assert not {c for c in codenames if "servicekey" in c} and "delete_account" not in codenames
+
+
+@pytest.mark.django_db
+def test_resend_a_failed_alert_from_the_account_page(support, make_user, consume,
+                                                     django_capture_on_commit_callbacks):
+    from django.core import mail
+
+    from alerts.models import AlertEvent
+
+    user = make_user("basic")
+    consume(user, 8_000)  # crosses 75%: an alert is recorded (and sent, eagerly)
+    event = AlertEvent.objects.get(account__user=user)
+    AlertEvent.objects.filter(pk=event.pk).update(status="failed", attempts=8, last_error="SMTP down")
+    sent_before = len(mail.outbox)
+    page = support.get(_support_url(user, "resend-alert")).content.decode()
+    assert f'value="{event.pk}"' in page and "Failed" in page
+    assert support.post(_support_url(user, "resend-alert"), {"alert": event.pk, "reason": ""}).status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):  # the queued send runs (eagerly) after commit
+        done = support.post(_support_url(user, "resend-alert"), {"alert": event.pk, "reason": "customer asked"})
+    assert done.status_code == 302
+    event.refresh_from_db()
+    assert event.status == "sent" and len(mail.outbox) == sent_before + 1
+    assert AuditLog.objects.filter(user=user, action="alert_resend", actor="sam", detail__reason="customer asked").exists()
