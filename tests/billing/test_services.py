@@ -75,3 +75,17 @@ def test_a_stale_subscription_state_never_moves_the_period_back(site, client, ma
     billing = BillingAccount.objects.get(account__user=user)
     assert billing.current_period_start == current.starts_at
     assert current.ends_at - current.starts_at == timedelta(days=30)
+
+
+@pytest.mark.django_db
+def test_billing_summary_for_the_dashboard(make_user):
+    from billing.selectors import billing_summary
+    from metering.models import Tier
+
+    account = Account.objects.get(user=make_user("pro"))
+    assert billing_summary(account=account)["has_customer"] is False
+    BillingAccount.objects.create(account=account, stripe_customer_id="cus_z", subscription_status="active",
+                                  cancel_at_period_end=True, pending_tier=Tier.objects.get(slug="basic"))
+    summary = billing_summary(account=account)
+    assert summary["has_customer"] and summary["subscription_status"] == "active"
+    assert summary["cancel_at_period_end"] and summary["pending_tier"].slug == "basic"
