@@ -334,7 +334,9 @@ class LedgerRollupState(models.Model):
     or below `watermark_id` was either rolled up or, if it was not visible yet, is
     listed in `pending_ids` ({id: first seen missing, ISO time}) and looked for
     again on the next run; ids still missing after `ROLLUP_PENDING_SECONDS` are
-    sequence values of rolled-back transactions."""
+    sequence values of rolled-back transactions. `refreshed_at` is when a run last
+    caught up with every visible row (NULL while a backlog is being worked off):
+    readers look for unrolled rows from a little before it."""
 
     watermark_id = models.BigIntegerField(default=0)
     pending_ids = models.JSONField(default=dict, blank=True)

@@ -149,7 +149,9 @@ def ledger_rollup_refresh_batch(*, batch_size: int | None = None, now: datetime 
             logger.info("ledger rollup: %d id(s) never appeared (rolled back): %s", len(dropped), dropped[:20])
         state.watermark_id = high
         state.pending_ids = pending
-        state.refreshed_at = now
+        # Readers bound the live slice by time only after a run that read everything
+        # visible: past a partial run's watermark lie rows of any age.
+        state.refreshed_at = now if high >= newest else None
         state.save(update_fields=["watermark_id", "pending_ids", "refreshed_at"])
     return RollupRun(high, len(rows), written, len(pending), len(dropped))
 
