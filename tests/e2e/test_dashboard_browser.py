@@ -101,6 +101,8 @@ def test_user_and_support_journeys(live_server, page, artifacts, make_user, cons
     page.set_viewport_size({"width": 390, "height": 844})
     page.goto(f"{base}/dashboard/")
     page.screenshot(path=str(artifacts / "dashboard-phone.png"), full_page=True)
+    page.screenshot(path=str(artifacts / "dashboard-phone-top.png"))
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing overflows the phone's width
     page.set_viewport_size({"width": 1280, "height": 900})
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url("**/accounts/login/")
