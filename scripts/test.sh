@@ -24,8 +24,10 @@ ct_browser_ensure
 export DATABASE_URL REDIS_URL
 echo "test: setup took $((SECONDS - t0)) s; running pytest $*"
 
-args=()
-# In CI, name the slowest tests so the suite's time stays visible.
+# A test that hangs fails on its own after PYTEST_TIMEOUT seconds (pytest-timeout)
+# instead of stalling the run; in CI the slowest tests are named, so the suite's
+# time stays visible (CI allows 90 minutes on 2 cores).
+args=(--timeout="${PYTEST_TIMEOUT:-900}")
 [ -n "${CI:-}" ] && args+=(--durations=25)
 set +e
 python -m pytest "${args[@]}" "$@"
