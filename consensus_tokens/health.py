@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import connection
 from django.http import JsonResponse
 from django.views.decorators.cache import never_cache
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_safe
 
 from consensus_tokens.errors import error_body
 
@@ -58,13 +58,13 @@ CHECKS = {"database": check_database, "redis": check_redis, "broker": check_brok
 
 
 @never_cache
-@require_GET
+@require_safe
 def live(request):
     return JsonResponse({"status": "ok"})
 
 
 @never_cache
-@require_GET
+@require_safe
 def ready(request):
     results: dict[str, dict] = {}
     failing = []

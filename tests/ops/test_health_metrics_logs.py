@@ -41,6 +41,8 @@ def test_live_answers_without_touching_dependencies(settings):
     response = Client().get("/health/live")
     assert response.status_code == 200 and response.json() == {"status": "ok"}
     assert "no-cache" in response["Cache-Control"]
+    assert Client().head("/health/live").status_code == 200  # load balancers often probe with HEAD
+    assert Client().post("/health/live").status_code == 405
 
 
 def test_ready_checks_database_redis_and_broker(settings):
