@@ -25,7 +25,8 @@ _ct_want="$(python -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.
 if [ "$(cat "$_ct_stamp" 2>/dev/null)" != "$_ct_want" ]; then
   echo "setup: pip install -e .${_ct_extras}"
   _ct_t0=$SECONDS
-  python -m pip install -q -e ".${_ct_extras}"
+  # (the filter drops this machine's notes about local package mirrors it does not have)
+  python -m pip install -q -e ".${_ct_extras}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$_ct_want" >"$_ct_stamp"
   echo "setup: installed in $((SECONDS - _ct_t0)) s"
 fi
