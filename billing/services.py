@@ -363,7 +363,7 @@ def _subscription_ended(*, billing: BillingAccount, account: Account, state: Sub
     billing.save()
     account.status = Account.Status.CANCELED
     account.save(update_fields=["status"])
-    if paid_through <= now:
+    if paid_through <= now and billing.access_ended_at is None:
         _access_end(billing=billing, account=account, now=now)
     return "canceled"
 
@@ -468,6 +468,10 @@ def invoice_payment_succeeded(*, invoice_id: str, now: datetime | None = None) -
             state=OverageInvoice.State.PAID).update(state=OverageInvoice.State.PAID, stripe_invoice_id=invoice_id,
                                                     updated_at=now)
         billing = BillingAccount.objects.select_for_update().get(pk=billing.pk)
+        if billing.subscription_status in ("past_due", "unpaid"):
+            # An older invoice paid late: Stripe still says the subscription is past due
+            # (a newer invoice is unpaid), so the grace clock and any hold stay.
+            return "paid_still_past_due"
         account = Account.objects.select_for_update().get(pk=billing.account_id)
         was_held = account.billing_hold
         billing.payment_failed_at = None

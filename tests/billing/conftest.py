@@ -13,11 +13,11 @@ from django.core.management import call_command
 
 from .fake_stripe import FakeStripe
 
-# Webhook tests run the app in a live server thread, so their data must be committed;
-# serialized_rollback restores the seeded tiers and operation types after the flush.
 logging.getLogger("stripe").setLevel(logging.WARNING)
 
-e2e = pytest.mark.django_db(transaction=True, serialized_rollback=True)
+# Webhook tests run the app in a live server thread, so their data must be committed
+# (tests/conftest.py seeds the tiers and operation types again after the flush).
+e2e = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture

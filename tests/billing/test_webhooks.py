@@ -277,3 +277,21 @@ def test_a_subscription_of_an_unknown_customer_changes_nothing(site, make_user, 
         deliver_all(fake, fake.checkout_complete(session["id"]))
     assert any("belongs to no account" in r.getMessage() for r in caplog.records)
     assert _account(user).tier.slug == "basic" and not BillingAccount.objects.exists()
+
+
+@e2e
+def test_an_older_invoice_paid_late_does_not_lift_a_newer_failure(site, client, make_user):
+    fake = site
+    user = make_user("basic")
+    sub_id = subscribe(fake, client, user, "pro")
+    first_invoice = fake.get("subscription", sub_id)["latest_invoice"]
+    first_paid = next(e for e in fake.all("event") if e["type"] == "invoice.payment_succeeded")
+    deliver_all(fake, fake.subscription_renew(sub_id, pay=False))
+    assert _account(user).status == "past_due"
+    # Stripe redelivers the first invoice's (old) success event under a new id.
+    late = fake.event("invoice.payment_succeeded", fake.get("invoice", first_invoice),
+                      created=first_paid["created"])
+    deliver_all(fake, [late])
+    account = _account(user)
+    assert account.status == "past_due"
+    assert BillingAccount.objects.get(account=account).payment_failed_at is not None
