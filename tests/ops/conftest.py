@@ -1,8 +1,9 @@
 """Helpers for the operations tests: real servers started for a test and stopped after.
 
-`gunicorn_server` runs the app under gunicorn on a free loopback port against the
-test database (so the test must be transactional: the server only sees committed
-rows). `redis_server` and `postgres_cluster` start throwaway servers the test may
+`run_gunicorn` runs the app under gunicorn with the production config file
+(consensus_tokens/gunicorn.conf.py, as docker-compose does; the command line sets
+the port and worker count) against the test database, so the test must be
+transactional: the server only sees committed rows. `redis_server` and `postgres_cluster` start throwaway servers the test may
 stop or restart; the shared PostgreSQL and Redis are never touched.
 """
 from __future__ import annotations
@@ -112,7 +113,7 @@ def run_gunicorn(*, workers: int = 2, threads: int = 4, env: dict[str, str] | No
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "consensus_tokens.wsgi:application", "-b", f"127.0.0.1:{port}",
          "-w", str(workers), "-k", "gthread", "--threads", str(threads), "--timeout", "30",
-         "--graceful-timeout", "2", "-c", str(ROOT / "tests" / "ops" / "gunicorn_test_conf.py")],
+         "--graceful-timeout", "2", "-c", str(ROOT / "consensus_tokens" / "gunicorn.conf.py")],
         cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path, metrics_dir=metrics_dir,
                     env=full_env)
