@@ -20,13 +20,15 @@ MAX_DAYS = 366 * 3  # one request covers at most three years of days
 
 
 class StrictDateField(serializers.Field):
-    default_error_messages = {"invalid": "Use a date as YYYY-MM-DD."}
+    default_error_messages = {"invalid": "Use a date as YYYY-MM-DD, from 1970-01-01 to 9998-12-31."}
 
     def to_internal_value(self, data):
         try:
             parsed = parse_date(data) if isinstance(data, str) and len(data) == 10 else None
         except ValueError:  # well-formed but impossible, such as 2026-13-01
             parsed = None
+        if parsed is not None and not date(1970, 1, 1) <= parsed <= date(9998, 12, 31):
+            parsed = None  # the day after 9999-12-31 does not exist; nothing was metered before 1970
         if parsed is None:
             self.fail("invalid")
         return parsed

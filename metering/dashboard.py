@@ -6,12 +6,14 @@ counters and the daily rollups, the activity table pages by keyset."""
 from __future__ import annotations
 
 import csv
+import re
 from datetime import date, timedelta
 from typing import Any, Iterator
 
 from django import forms
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
 from django.urls import reverse
 from django.utils import timezone
@@ -29,10 +31,18 @@ def home(request: HttpRequest) -> HttpResponse:
     return HttpResponseRedirect(reverse("dashboard:home") if request.user.is_authenticated else reverse("login"))
 
 
+EARLIEST, LATEST = date(1970, 1, 1), date(9998, 12, 31)
+
+
+def _date_field(label: str) -> forms.DateField:
+    return forms.DateField(label=label, required=False, widget=forms.DateInput(attrs={"type": "date"}),
+                           validators=[MinValueValidator(EARLIEST), MaxValueValidator(LATEST)])
+
+
 class ActivityFilter(forms.Form):
     op = forms.ChoiceField(label="Operation type", required=False)
-    since = forms.DateField(label="From", required=False, widget=forms.DateInput(attrs={"type": "date"}))
-    until = forms.DateField(label="To", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    since = _date_field("From")
+    until = _date_field("To")
 
     def __init__(self, *args: Any, operation_types: list[str], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -43,6 +53,11 @@ class ActivityFilter(forms.Form):
         if data.get("since") and data.get("until") and data["since"] > data["until"]:
             self.add_error("until", "The end date is before the start date.")
         return data
+
+
+def _period_id(raw: str) -> int | None:
+    """A period id from the query string; anything else (huge, signed, ²) is ignored."""
+    return int(raw) if re.fullmatch(r"[0-9]{1,18}", raw or "") else None
 
 
 def _optional_bool(value: Any) -> bool:
@@ -90,9 +105,9 @@ class DashboardView(LoginRequiredMixin, TemplateView):
         account = services.account_for_user(user_id=user.pk)
         current = services.period_current(account=account, now=now)
         period: UsagePeriod = current
-        wanted = request.GET.get("period", "")
-        if wanted.isdigit() and int(wanted) != current.pk:
-            period = selectors.period_for_account(account_id=account.pk, period_id=int(wanted)) or current
+        wanted = _period_id(request.GET.get("period", ""))
+        if wanted is not None and wanted != current.pk:
+            period = selectors.period_for_account(account_id=account.pk, period_id=wanted) or current
         is_current = period.pk == current.pk
         tier_slug = account.tier.slug if account.tier else None
         # The current period's figures are exactly GET /api/tokens/usage's.
@@ -191,11 +206,11 @@ class HistoryExportView(LoginRequiredMixin, View):
 
     def get(self, request: HttpRequest) -> HttpResponse:
         entries = selectors.ledger_for_user(user_id=request.user.pk)
-        wanted = request.GET.get("period", "")
+        wanted = _period_id(request.GET.get("period", ""))
         name = "history"
-        if wanted.isdigit():
+        if wanted is not None:
             period = selectors.period_for_account(account_id=services.account_for_user(user_id=request.user.pk).pk,
-                                                  period_id=int(wanted))
+                                                  period_id=wanted)
             if period is not None:
                 entries = entries.filter(period=period)
                 name = f"period-{period.starts_at:%Y-%m-%d}"

@@ -301,6 +301,8 @@ def _cursor_decode(cursor: str) -> tuple[datetime, int] | None:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         when, pk = raw.split("|")
         moment = datetime.fromisoformat(when)
+        if not 0 < int(pk) < 2**63:
+            return None
         return (moment if moment.tzinfo else moment.replace(tzinfo=dt_timezone.utc)), int(pk)
     except (ValueError, UnicodeDecodeError):
         return None

@@ -170,3 +170,24 @@ def test_login_logout_and_password_reset_pages(make_user):
     done = client.post(form_page.redirect_chain[-1][0], {"new_password1": "a-new-Pass-99", "new_password2": "a-new-Pass-99"})
     assert done.status_code == 302
     assert client.login(username="dana", password="a-new-Pass-99")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", [
+    "period=99999999999999999999999", "period=%C2%B2", "period=-1", "period=%00", "cursor=" + "A" * 300,
+    "cursor=OTk5OS0xMi0zMVQwMDowMDowMHw5OTk5OTk5OTk5OTk5OTk5OTk5OTk5", "since=9999-12-31", "until=9999-12-31",
+    "since=0001-01-01", "op=%00&since=%00", "since=2026-02-30", "op=" + "x" * 5000,
+])
+def test_odd_query_strings_never_break_the_dashboard(signed_in, query):
+    user, client = signed_in()
+    assert client.get(f"/dashboard/?{query}").status_code == 200
+    assert client.get(f"/dashboard/export.csv?{query}").status_code == 200
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", ["to=9999-12-31", "from=9999-12-30&to=9999-12-31", "from=0001-01-01&to=0001-01-02",
+                                   "from=%C2%B2", "to=2026-02-29"])
+def test_out_of_range_dates_are_a_400_not_a_500(signed_in, query):
+    user, client = signed_in()
+    response = client.get(f"/api/tokens/analytics/daily?{query}")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
