@@ -25,7 +25,10 @@ def _as_datetime(value: date | datetime, *, end: bool = False) -> datetime:
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=dt_timezone.utc)
     start = datetime.combine(value, time.min, tzinfo=dt_timezone.utc)
-    return start + timedelta(days=1) if end else start
+    if not end:
+        return start
+    # the day after 9999-12-31 does not exist: end at the last moment there is
+    return start + timedelta(days=1) if value < date.max else datetime.max.replace(tzinfo=dt_timezone.utc)
 
 
 def ledger_for_user(*, user_id: int, since: date | datetime | None = None, until: date | datetime | None = None,

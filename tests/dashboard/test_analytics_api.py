@@ -106,3 +106,12 @@ def test_unknown_user_is_404_and_users_see_only_themselves(read_api, make_user):
     assert client.get(f"/api/tokens/reports/monthly?userId={alice.pk}").status_code == 200
     assert client.get(f"/api/tokens/analytics/daily?userId={bob.pk}").status_code == 403
     assert Client().get("/api/tokens/analytics/daily").status_code in (401, 403)
+
+
+@pytest.mark.django_db
+def test_history_up_to_the_last_day_there_is_answers(read_api, make_user, consume):
+    """The shared selector behind /history: `to=9999-12-31` used to overflow (500)."""
+    user = make_user()
+    consume(user, 5)
+    response = read_api.get(f"/api/tokens/history?userId={user.pk}&to=9999-12-31")
+    assert response.status_code == 200 and len(response.json()["results"]) == 1
