@@ -126,7 +126,9 @@ class ErrorOutput(serializers.Serializer):
         "fields": serializers.DictField(required=False)})
 
 
-ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 429: ErrorOutput}
+# 429: a rate limit (consensus_tokens/ratelimit.py); 503: the database is unreachable (retry).
+ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 429: ErrorOutput,
+          503: ErrorOutput}
 
 
 class EstimateApi(JsonApi):

@@ -127,3 +127,20 @@ def test_every_operation_answers_as_its_schema_says(label, mode, service_key, ma
     assert 500 not in statuses and len(statuses) >= 5
     if mode == schemathesis.GenerationMode.POSITIVE and label in REACHABLE:
         assert any(200 <= s < 300 for s in statuses), (label, sorted(set(statuses)))
+
+
+@pytest.mark.parametrize("label,make_case", [
+    ("GET /api/tokens/usage", lambda op, uid: op.Case(query={"userId": uid})),
+    ("POST /api/tokens/consume", lambda op, uid: op.Case(body={"userId": uid, "operationId": "limited", "tokens": 5,
+                                                               "operationType": "summary"})),
+])
+def test_rate_limited_answers_match_the_schema_too(label, make_case, service_key, make_user):
+    from metering.models import Tier
+
+    Tier.objects.filter(slug="basic").update(requests_per_hour=0)
+    schema = _load(_schema_document())
+    operation = next(op.ok() for op in schema.get_all_operations() if op.ok().label == label)
+    case = make_case(operation, make_user("basic").pk)
+    response = case.call(headers={"Authorization": f"Api-Key {service_key}"})
+    assert response.status_code == 429
+    case.validate_response(response, excluded_checks=[positive_data_acceptance])
