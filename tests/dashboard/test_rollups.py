@@ -184,3 +184,30 @@ def test_readers_equal_the_ledger_before_during_and_after_a_rollup(make_user, co
     ledger_rollup_refresh()
     consume(user, 5, "summary")
     assert _seen(account_id) == _truth(account_id)
+
+
+@pytest.mark.django_db
+def test_rollups_command_refreshes_proves_and_repairs(make_user, consume, capsys):
+    from django.core.management import CommandError, call_command
+
+    user = make_user()
+    consume(user, 100)
+    call_command("rollups")
+    assert "rollups equal the ledger" in capsys.readouterr().out
+    DailyUsage.objects.update(used_delta=1)
+    with pytest.raises(CommandError):
+        call_command("rollups", "--no-refresh")
+    assert "DRIFT" in capsys.readouterr().out
+    call_command("rollups", "--repair")
+    assert ledger_rollup_verify() == []
+
+
+@pytest.mark.django_db
+def test_dashboard_for_a_user_without_a_tier(make_user):
+    from django.test import Client
+
+    user = make_user(tier=None)
+    client = Client()
+    client.force_login(user)
+    page = client.get("/dashboard/")
+    assert page.status_code == 200 and b"You have no plan yet." in page.content
