@@ -84,6 +84,8 @@ if REDIS_URL:
             "BACKEND": "django.core.cache.backends.redis.RedisCache",
             "LOCATION": REDIS_URL,
             "TIMEOUT": 3600,
+            # The cache is an optimisation: a Redis that hangs must not hang requests.
+            "OPTIONS": {"socket_connect_timeout": 1, "socket_timeout": 1},
         },
         # Rate limit counters: short timeouts, so an unreachable Redis fails open quickly.
         "ratelimit": {

@@ -233,3 +233,28 @@ def test_a_tier_with_no_requests_refuses_every_call(api, make_user):
     set_tier_rate("basic", 0)
     response = api.get(f"/api/tokens/usage?userId={make_user('basic').pk}")
     assert response.status_code == 429 and response["X-RateLimit-Limit"] == "0"
+
+
+def test_a_hung_redis_costs_a_timeout_not_a_hang(api, make_user, settings):
+    import os
+    import signal
+
+    with run_redis() as (port, process):
+        url = f"redis://127.0.0.1:{port}/0"
+        settings.CACHES = {
+            "default": {**settings.CACHES["default"], "LOCATION": url},
+            "ratelimit": {**settings.CACHES["ratelimit"], "LOCATION": url}}
+        user = make_user("basic")
+        body = {"userId": user.pk, "operationType": "summary", "topic": "hung redis " * 20}
+        assert api.post("/api/tokens/estimate", body, format="json").status_code == 200
+        os.kill(process.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+        try:
+            started = time.monotonic()
+            response = api.post("/api/tokens/estimate", body, format="json")
+            elapsed = time.monotonic() - started
+            consumed = consume(api, user, "while-hung")
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+    assert response.status_code == 200 and response.json()["cached"] is False
+    assert elapsed < 4  # the limit's 0.25 s and the cache's 1 s timeouts, not forever
+    assert consumed.status_code == 201 and "X-RateLimit-Limit" not in consumed
