@@ -338,7 +338,7 @@ class AccountAdmin(admin.ModelAdmin):
             return "–"
         if not obj.current_limit:
             return f"{obj.current_used:,}"
-        pct = obj.current_used * 100 / obj.current_limit
+        pct = round(max(0, obj.current_used) * 100 / obj.current_limit, 2)  # as Usage.percentage rounds
         return format_html('<span class="usage-pct status-{}">{}%</span>', usage_status(pct), f"{pct:.1f}")
 
     @admin.display(description="period ends", ordering="current_end")

@@ -44,6 +44,7 @@ def test_user_and_support_journeys(live_server, page, artifacts, make_user, cons
     page.goto(f"{base}/")
     assert page.url.endswith("/accounts/login/")
     assert page.evaluate("document.activeElement.id") == "id_username"  # the form is ready to type into
+    page.screenshot(path=str(artifacts / "login.png"))
     sign_in(page, base, "alice")
     page.wait_for_url(f"{base}/dashboard/")
     page.keyboard.press("Tab")  # keyboard users can jump past the header
@@ -112,6 +113,9 @@ def test_user_and_support_journeys(live_server, page, artifacts, make_user, cons
     page.goto(f"{base}/admin/")
     assert page.locator('[data-number="tokens-today"]').inner_text() == f"{sum(700 + 45 * i for i in range(6)):,}"
     page.screenshot(path=str(artifacts / "admin-landing.png"), full_page=True)
+    page.goto(f"{base}/admin/metering/account/")
+    assert "alice" in page.locator("#result_list").inner_text()
+    page.screenshot(path=str(artifacts / "admin-accounts.png"))
     page.goto(f"{base}/admin/metering/account/?q=alice")
     page.get_by_role("link", name="alice", exact=True).click()
     page.locator('[data-support-action="change-tier"]').click()
