@@ -1,12 +1,11 @@
 """Rate limits: per user by tier, per service key, per IP on sign-in and password reset.
 
 Counters live in the `ratelimit` cache (Redis, so limits hold across every web
-process; local memory when REDIS_URL is unset). Windows and keys are
-django-ratelimit's (fixed windows with a per-key jitter, `rl:` + a hash), but a
-token request counts all its limits in one pipelined INCR+EXPIRE round trip
-instead of django-ratelimit's add-then-incr per limit, because the consume path
-is the hot one. Sign-in and password reset go through django-ratelimit's
-`get_usage` itself.
+process; local memory when REDIS_URL is unset). Windows are django-ratelimit's
+(fixed, with a per-key jitter), but a token request counts all its limits in one
+pipelined INCR+EXPIRE round trip instead of django-ratelimit's add-then-incr per
+limit, because the consume path is the hot one. Sign-in and password reset go
+through django-ratelimit's `get_usage` itself.
 
 A request over a limit answers 429 with the error shape, `Retry-After` and the
 `X-RateLimit-*` headers, and leaves nothing behind but its audit row. If the
@@ -27,8 +26,7 @@ from django.core.cache import caches
 from django.db import connection
 from django.http import HttpResponse, JsonResponse
 from django.utils.html import escape
-from django_ratelimit import ALL
-from django_ratelimit.core import _get_window, _make_cache_key, get_usage
+from django_ratelimit.core import _get_window, get_usage
 from rest_framework.exceptions import ParseError
 from rest_framework.throttling import BaseThrottle
 
@@ -140,16 +138,19 @@ def counters_hit(entries: list[tuple[str, int]]) -> list[int] | None:
         return None
 
 
-def _limit_entry(group: str, value: str, limit: int, period: int) -> tuple[str, int, int]:
-    rate = f"{limit}/{period}s"
+def _limit_entry(group: str, value: str, period: int) -> tuple[str, int, int]:
+    """The counter's key, its period and the window's end. Unlike django-ratelimit's keys
+    this one leaves the limit out, so a staff change to a limit keeps the hour's count
+    (lowering a limit takes effect at once instead of granting a fresh budget)."""
     window = _get_window(value, period)
-    return _make_cache_key(group, window, rate, value, ALL), period, window
+    prefix = getattr(settings, "RATELIMIT_CACHE_PREFIX", "rl:")  # django-ratelimit's setting and default
+    return f"{prefix}{group}:{value}:{window}", period, window
 
 
 def limits_count(specs: Iterable[tuple[str, str, int]], *, period: int = HOUR) -> list[LimitState] | None:
     """Count this request against each (scope, value, limit); None if the store is down."""
     specs = list(specs)
-    entries = [_limit_entry(f"ct:{scope}", value, limit, period) for scope, value, limit in specs]
+    entries = [_limit_entry(f"ct:{scope}", value, period) for scope, value, _ in specs]
     counts = counters_hit([(key, p) for key, p, _ in entries])
     if counts is None:
         return None

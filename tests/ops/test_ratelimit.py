@@ -126,6 +126,10 @@ def test_a_staff_change_to_the_tier_applies_within_seconds(api, make_user, setti
     time.sleep(0.35)
     again = api.get(f"/api/tokens/usage?userId={user.pk}")
     assert again.status_code == 200 and again["X-RateLimit-Limit"] == "10"
+    assert again["X-RateLimit-Remaining"] == "6"  # the hour's 4 requests still count
+    set_tier_rate("pro", 3)  # and lowering it refuses at once, no fresh budget
+    time.sleep(0.35)
+    assert api.get(f"/api/tokens/usage?userId={user.pk}").status_code == 429
 
 
 def test_a_signed_in_user_is_limited_by_their_own_tier(make_user):
