@@ -193,3 +193,15 @@ def test_resend_a_failed_alert_from_the_account_page(support, make_user, consume
     event.refresh_from_db()
     assert event.status == "sent" and len(mail.outbox) == sent_before + 1
     assert AuditLog.objects.filter(user=user, action="alert_resend", actor="sam", detail__reason="customer asked").exists()
+
+
+@pytest.mark.django_db
+def test_search_by_stripe_customer_id_and_see_the_stripe_status(support, make_user):
+    from billing.models import BillingAccount
+
+    carol = make_user("pro", username="carol")
+    make_user("pro", username="dave")
+    BillingAccount.objects.create(account=carol.token_account, stripe_customer_id="cus_Q1w2E3r4",
+                                  subscription_status="past_due")
+    page = support.get("/admin/metering/account/?q=cus_Q1w2E3r4").content.decode()
+    assert "carol" in page and "dave" not in page and "past_due" in page
