@@ -201,3 +201,21 @@ def test_period_align_keeps_history_and_starts_at_zero(api, staff_account, spend
         assert usage(api, user)["periodEnd"] == "2026-12-16T00:00:00Z"
     assert UsagePeriod.objects.filter(account=staff_account).count() == 2
     assert ledger_reconcile() == []
+
+
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "orm"])
+def test_a_replay_in_the_next_period_charges_nothing(api, make_user, settings, fast_path):
+    settings.METERING_FAST_PATH = fast_path
+    user = make_user("basic")
+    body = consume_body(user, "month-end-op", 700)
+    with time_machine.travel(utc(2026, 11, 30, 23, 59), tick=False):
+        first = api.post("/api/tokens/consume", body, format="json")
+    with time_machine.travel(utc(2026, 12, 1, 0, 5), tick=False):
+        again = api.post("/api/tokens/consume", body, format="json")
+        assert again.status_code == 200 and again.json() == first.json()
+        conflict = api.post("/api/tokens/consume", {**body, "tokens": 701}, format="json")
+        assert conflict.status_code == 409
+        assert usage(api, user)["used"] == 0
+    assert list(UsagePeriod.objects.filter(account__user=user).order_by("starts_at").values_list("used", flat=True)) \
+        in ([700], [700, 0])
+    assert ledger_reconcile() == []
