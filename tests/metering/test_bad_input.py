@@ -314,3 +314,15 @@ def test_history_filters_are_validated(api, user, query, field):
 def test_history_with_a_forged_cursor_is_a_4xx(api, user):
     response = api.get(f"/api/tokens/history?userId={user.pk}&cursor=%21%21not-base64%21%21")
     assert_error(response, 404, "not_found")
+
+
+@pytest.mark.parametrize("field,value,code", [("operationType", "teleportation", "unknown_operation_type"),
+                                              ("provider", "skynet", "unknown_provider")])
+def test_two_faults_at_once_are_still_a_4xx(api, user, field, value, code):
+    """An unknown operation type (or provider) for an unknown user: refused, and audited without a
+    dangling user reference."""
+    body = {**consume_base(user), "userId": UNKNOWN_USER_ID, field: value}
+    assert_error(api.post("/api/tokens/consume", body, format="json"), 400, code)
+    error = assert_error(api.post("/api/tokens/consume/batch", {"operations": [consume_base(user), body]},
+                                  format="json"), 400, code)
+    assert error["index"] == 1
