@@ -190,9 +190,17 @@ class CheckApi(JsonApi):
         if data["reserve"] and not CanConsume().has_permission(request, self):
             raise PermissionDenied(CanConsume.message)
         user_id = user_id_for(request, data.get("userId"))
-        result = services.usage_check(user_id=user_id, tokens=data["tokens"], ctx=request_context(request),
-                                      operation_type=data["operationType"], reserve=data["reserve"],
-                                      operation_id=data["operationId"], ttl_seconds=data.get("ttlSeconds"))
+        ctx = request_context(request)
+        try:
+            result = services.usage_check(user_id=user_id, tokens=data["tokens"], ctx=ctx,
+                                          operation_type=data["operationType"], reserve=data["reserve"],
+                                          operation_id=data["operationId"], ttl_seconds=data.get("ttlSeconds"))
+        except ApplicationError as error:
+            if error.code != "unknown_user":
+                services.audit_record(ctx=ctx, user_id=known_user_id(user_id), tokens=data["tokens"],
+                                      action="reserve" if data["reserve"] else "check", result=error.code,
+                                      operation_type=data["operationType"], operation_id=data["operationId"])
+            raise
         body: dict[str, Any] = {"sufficient": result.sufficient, "available": result.available,
                                 "overage": result.overage, "cap": result.cap}
         if result.reservation is not None:

@@ -90,6 +90,12 @@ def test_check_reserve_settle_release_and_expiry_are_audited(api, user, key):
     post(api, "/api/tokens/check", {"userId": user.pk, "tokens": 15_000, "reserve": True}, "req-reserve-no")
     assert (audit_for("req-reserve-no").action, audit_for("req-reserve-no").result) == ("reserve", "insufficient")
 
+    post(api, "/api/tokens/check", {"userId": user.pk, "tokens": 5, "reserve": True, "operationType": "nope"},
+         "req-reserve-bad")
+    row = audit_for("req-reserve-bad")
+    assert_request_facts(row, user, key, "req-reserve-bad")
+    assert (row.action, row.result, row.tokens, row.operation_type) == ("reserve", "unknown_operation_type", 5, "nope")
+
     post(api, "/api/tokens/release", {"userId": user.pk, "reservationId": hold["reservationId"]}, "req-release")
     row = audit_for("req-release")
     assert_request_facts(row, user, key, "req-release")
