@@ -53,6 +53,7 @@ class LimitState:
     limit: int
     count: int
     reset_at: int  # epoch seconds when the window ends
+    key: str = ""  # the counter's key in the store
 
     @property
     def remaining(self) -> int:
@@ -154,8 +155,27 @@ def limits_count(specs: Iterable[tuple[str, str, int]], *, period: int = HOUR) -
     counts = counters_hit([(key, p) for key, p, _ in entries])
     if counts is None:
         return None
-    return [LimitState(scope=scope, value=value, limit=limit, count=count, reset_at=window)
-            for (scope, value, limit), count, (_, _, window) in zip(specs, counts, entries)]
+    return [LimitState(scope=scope, value=value, limit=limit, count=count, reset_at=window, key=key)
+            for (scope, value, limit), count, (key, _, window) in zip(specs, counts, entries)]
+
+
+def counters_give_back(keys: list[str]) -> None:
+    """Take back one count from each key (a refused request spends no other budget)."""
+    if not keys or _breaker.is_open():
+        return
+    cache = caches[settings.RATELIMIT_USE_CACHE]
+    try:
+        client = _redis_client(cache)
+        if client is not None:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.decr(key)
+            pipe.execute()
+        else:
+            for key in keys:
+                cache.decr(key)
+    except Exception as error:  # noqa: BLE001 - any store failure fails open
+        _breaker.trip(error)
 
 
 def binding_limit(states: list[LimitState]) -> LimitState | None:
@@ -339,6 +359,9 @@ class TokenRateThrottle(BaseThrottle):
             if user_id is None and len(user_ids) == 1 and limits[user_ids[0]][1]:
                 user_id = user_ids[0]
             metrics.ratelimit_refused.labels(scope=state.scope).inc()
+            # Refused, it spends no other budget: a user hammering past their own limit
+            # cannot use up the service key's ceiling, nor a throttled service a user's.
+            counters_give_back([s.key for s in states if not s.exceeded])
             _audit_refusal(request, view, state, user_id)
             who = "this user" if state.scope == "user" else "this service key"
             raise RateLimited(

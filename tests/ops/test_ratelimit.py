@@ -149,7 +149,7 @@ def test_endpoints_outside_the_token_api_are_not_limited_per_user(api, make_user
 
 @pytest.mark.parametrize("path", ["/admin/login/", "/accounts/login/", "/accounts/password_reset/"])
 def test_sign_in_and_password_reset_are_limited_per_ip(path, settings):
-    settings.RATELIMIT_IP_PATHS = {path: "3/m"}
+    settings.RATELIMIT_IP_PATHS = {path: "3/h"}  # an hour: no window edge falls inside the test
     attacker = Client(REMOTE_ADDR="203.0.113.7")
     form = {"username": "alice", "password": "wrong", "email": "alice@example.com"}
     answers = [attacker.post(path, form) for _ in range(4)]
@@ -262,3 +262,20 @@ def test_a_hung_redis_costs_a_timeout_not_a_hang(api, make_user, settings):
     assert response.status_code == 200 and response.json()["cached"] is False
     assert elapsed < 4  # the limit's 0.25 s and the cache's 1 s timeouts, not forever
     assert consumed.status_code == 201 and "X-RateLimit-Limit" not in consumed
+
+
+def test_one_user_past_their_limit_cannot_use_up_the_service_keys_ceiling(make_user):
+    set_tier_rate("basic", 1)
+    key, raw = service_key_create(name="shared", scope=ServiceKey.Scope.CONSUME)
+    key.requests_per_hour = 5
+    key.save(update_fields=["requests_per_hour"])
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+    noisy = make_user("basic")
+    assert [client.get(f"/api/tokens/usage?userId={noisy.pk}").status_code for _ in range(10)] == [200] + [429] * 9
+    others = [make_user("basic") for _ in range(5)]
+    answers = [client.get(f"/api/tokens/usage?userId={u.pk}") for u in others]
+    # the noisy user's 9 refused calls were not charged to the key: 4 of its 5 remain
+    assert [r.status_code for r in answers] == [200, 200, 200, 200, 429]
+    assert answers[-1].json()["error"]["scope"] == "service_key"
+    assert answers[0]["X-RateLimit-Limit"] == "1" and answers[3]["X-RateLimit-Remaining"] == "0"
