@@ -74,7 +74,8 @@ def _plan(account, tiers: list[Tier], billing: dict[str, Any] | None) -> dict[st
         "upgrades": upgrades,
         "suggested": upgrades[0] if upgrades else None,
         "billing": billing,
-        "status": (billing or {}).get("subscription_status") or account.get_status_display(),
+        # Stripe's words ("past_due") read as people's ("Past due")
+        "status": ((billing or {}).get("subscription_status") or account.status).replace("_", " ").capitalize(),
     }
 
 

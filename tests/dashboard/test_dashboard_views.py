@@ -191,3 +191,19 @@ def test_out_of_range_dates_are_a_400_not_a_500(signed_in, query):
     user, client = signed_in()
     response = client.get(f"/api/tokens/analytics/daily?{query}")
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_request"
+
+
+@pytest.mark.django_db
+def test_plan_card_shows_billing_state_and_the_portal_button_for_a_customer(signed_in):
+    from billing.models import BillingAccount
+    from metering.models import Tier
+
+    user, client = signed_in("pro")
+    html = client.get("/dashboard/").content.decode()
+    assert 'action="/billing/portal"' not in html and 'data-field="billing-status">Active<' in html
+    BillingAccount.objects.create(account=user.token_account, stripe_customer_id="cus_X1", subscription_status="past_due",
+                                  cancel_at_period_end=True, pending_tier=Tier.objects.get(slug="basic"))
+    html = client.get("/dashboard/").content.decode()
+    assert 'action="/billing/portal"' in html and 'data-field="billing-status">Past due<' in html
+    assert "Changes to Basic at the end of this billing period." in html
+    assert "Your subscription ends with this billing period." in html
