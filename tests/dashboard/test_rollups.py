@@ -211,3 +211,40 @@ def test_dashboard_for_a_user_without_a_tier(make_user):
     client.force_login(user)
     page = client.get("/dashboard/")
     assert page.status_code == 200 and b"You have no plan yet." in page.content
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_refreshes_while_consuming_count_every_row_once(make_user, consume):
+    import threading
+
+    from django.db import connection as conn
+
+    user = make_user("enterprise")
+    write_history(user, days=20, per_day=10)
+    errors = []
+    stop = threading.Event()
+
+    def refresher():
+        try:
+            while not stop.is_set():
+                ledger_rollup_refresh(batch_size=25)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=refresher) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(40):
+            consume(user, 3, "analysis")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors
+    ledger_rollup_refresh()
+    assert ledger_rollup_verify() == []
+    assert _groups_total(user.pk) == 20 * 10 * 10 + 40 * 3
+    assert sum(DailyUsage.objects.values_list("entries", flat=True)) == 240
