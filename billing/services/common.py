@@ -9,7 +9,6 @@ from typing import Any
 from consensus_tokens.errors import ApplicationError
 from metering.models import Account, Tier
 
-
 # The events our webhook endpoint asks Stripe for.
 WEBHOOK_EVENTS = [
     "customer.subscription.created",
@@ -19,11 +18,7 @@ WEBHOOK_EVENTS = [
     "invoice.payment_failed",
     "invoice.upcoming",
 ]
-
-
 CURRENCY = "usd"
-
-
 INTERVALS = ("month", "year")
 
 

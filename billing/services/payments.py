@@ -56,7 +56,7 @@ def invoice_payment_succeeded(*, invoice_id: str, now: datetime | None = None) -
     if data.get("status") != "paid":
         logger.info("invoice %s is %s now, not paid; ignored", invoice_id, data.get("status"))
         return "not_paid"
-    billing = billing_account_for_customer(stripe_id(data.get("customer")))
+    billing = billing_account_for_customer(customer_id=stripe_id(data.get("customer")))
     if billing is None:
         return "unknown_customer"
     # The subscription first: its rows are locked in the same order as a subscription
@@ -95,7 +95,7 @@ def invoice_payment_failed(*, invoice_id: str, now: datetime | None = None) -> s
     if data.get("status") == "paid":
         logger.info("invoice %s failed earlier but is paid now; ignored", invoice_id)
         return "already_paid"
-    billing = billing_account_for_customer(stripe_id(data.get("customer")))
+    billing = billing_account_for_customer(customer_id=stripe_id(data.get("customer")))
     if billing is None:
         return "unknown_customer"
     if billing.current_period_start is None:

@@ -49,7 +49,7 @@ def subscription_refresh(*, subscription_id: str) -> str:
     return subscription_apply(subscription_id=subscription_id)
 
 
-def billing_account_for_customer(customer_id: str) -> BillingAccount | None:
+def billing_account_for_customer(*, customer_id: str) -> BillingAccount | None:
     billing = BillingAccount.objects.filter(stripe_customer_id=customer_id).first()
     if billing is not None:
         return billing
@@ -87,7 +87,7 @@ def subscription_apply(*, subscription_id: str, now: datetime | None = None) -> 
         logger.warning("subscription %s not found; nothing applied", subscription_id)
         return "missing"
     state = SubscriptionState.from_stripe(data)
-    billing = billing_account_for_customer(state.customer_id)
+    billing = billing_account_for_customer(customer_id=state.customer_id)
     if billing is None:
         logger.warning("subscription %s: customer %s belongs to no account; ignored", state.id, state.customer_id)
         return "unknown_customer"
