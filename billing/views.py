@@ -32,7 +32,6 @@ class _StripeRedirectView(APIView):
     authentication_classes = [SessionAuthentication]
     permission_classes = [IsAuthenticated]
     parser_classes = [FormParser, MultiPartParser, JSONParser]
-    schema = None  # browser form endpoints for the dashboard, not part of the service API's schema
 
     def redirect(self, request: Any, url: str) -> HttpResponse:
         if _wants_json(request):
