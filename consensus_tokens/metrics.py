@@ -89,6 +89,13 @@ class DatabaseCollector:
     and status, overage invoice items by state: counted in the database, so the same
     whichever worker is scraped and right after a restart."""
 
+    def describe(self):
+        """The names, without a query: registering a collector otherwise calls collect()."""
+        return [GaugeMetricFamily("ct_reservations_open", ""), GaugeMetricFamily("ct_reservations_open_tokens", ""),
+                CounterMetricFamily("ct_reservations_finished", ""), CounterMetricFamily("ct_webhook_triggers", ""),
+                CounterMetricFamily("ct_alert_events", ""), CounterMetricFamily("ct_overage_invoice_items", ""),
+                CounterMetricFamily("ct_overage_invoiced_cents", "")]
+
     def collect(self):
         from django.db.models import Count, Q, Sum
         from djstripe.models import WebhookEventTrigger
@@ -137,17 +144,18 @@ class DatabaseCollector:
         yield cents
 
 
-def _registry() -> CollectorRegistry:
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+_database = DatabaseCollector()
+REGISTRY.register(_database)  # single process: the default registry serves it all
 
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    else:
-        registry = CollectorRegistry()
-        for collector in list(REGISTRY._collector_to_names):  # this process's own metrics
-            registry.register(collector)
-    registry.register(DatabaseCollector())
+
+def _registry() -> CollectorRegistry:
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()  # per scrape, as prometheus_client's multiprocess mode wants
+    multiprocess.MultiProcessCollector(registry)
+    registry.register(_database)
     return registry
 
 
