@@ -77,6 +77,9 @@ def test_setup_stripe_follows_a_price_change_by_staff(site, settings):
 @e2e
 def test_subscribe_use_overage_period_end_fail_grace_pay(site, client, make_user, api):
     fake = site
+    again = StringIO()
+    call_command("setup_stripe", stdout=again)  # the second run (the `site` fixture ran the first)
+    assert "0 created" in again.getvalue() and len(fake.all("price")) == 6
     user = make_user("basic")
     basic_period = _periods(user)  # may be empty: opened lazily
     sub_id = subscribe(fake, client, user, "pro")
