@@ -51,6 +51,26 @@ def make(kind: str, i: int, run: str, batch: int) -> dict:
     raise SystemExit(f"unknown kind {kind}")
 
 
+def _postgres_cpu_reader():
+    """CPU seconds used so far by this process's PostgreSQL backend (Linux, local server
+    readable by this user), or a function returning 0.0 where that cannot be read."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        pid = cursor.fetchone()[0]
+    stat = f"/proc/{pid}/stat"
+
+    def read() -> float:
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return read
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["bare", "usage", "consume", "batch"])
@@ -75,7 +95,9 @@ def main() -> None:
         import gc
 
         gc.freeze()
+    pg_cpu = _postgres_cpu_reader()
     prof = cProfile.Profile() if args.profile else None
+    pg_before = pg_cpu()
     wall, cpu = time.perf_counter(), time.process_time()
     if prof:
         prof.enable()
@@ -84,8 +106,9 @@ def main() -> None:
     if prof:
         prof.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    print(f"{args.kind}: {args.n} requests, {wall / args.n * 1e3:.3f} ms wall, {cpu / args.n * 1e3:.3f} ms CPU "
-          f"per request; statuses {statuses}")
+    pg = pg_cpu() - pg_before
+    print(f"{args.kind}: {args.n} requests, {wall / args.n * 1e3:.3f} ms wall, {cpu / args.n * 1e3:.3f} ms CPU here "
+          f"+ {pg / args.n * 1e3:.3f} ms in the PostgreSQL backend, per request; statuses {statuses}")
     if prof:
         pstats.Stats(prof).sort_stats(os.environ.get("BENCH_SORT", "cumulative")).print_stats(int(os.environ.get("BENCH_TOP", "45")))
 
