@@ -30,7 +30,13 @@ echo "test: setup took $((SECONDS - t0)) s; running pytest $*"
 args=(--timeout="${PYTEST_TIMEOUT:-900}")
 [ -n "${CI:-}" ] && args+=(--durations=25)
 set +e
-python -m pytest "${args[@]}" "$@"
+# pytest starts with SIGINT and SIGQUIT at their defaults even when this script was
+# started with them ignored (nohup, a background job): tests that interrupt a
+# process they started (Ctrl-C on a live command) must work the same everywhere.
+python -c 'import os, signal, sys
+for sig in (signal.SIGINT, signal.SIGQUIT):
+    signal.signal(sig, signal.SIG_DFL)
+os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[1:]])' "${args[@]}" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
