@@ -83,7 +83,9 @@ def period_align(*, account: Account, starts_at: datetime, ends_at: datetime) ->
     """Make [starts_at, ends_at) the account's period (billing calls this with the
     Stripe subscription's current period). A period with that start is kept (its
     end follows Stripe); otherwise the overlapping open period is cut short at
-    `starts_at` and a new one starts at zero: the period reset. History stays."""
+    `starts_at` and a new one starts at zero: the period reset. History stays.
+    A period that began inside the new one (opened before the webhook arrived)
+    is re-dated to it rather than left overlapping."""
     limit, cap, rate = account_terms(account)
     with transaction.atomic():
         existing = UsagePeriod.objects.select_for_update().filter(account=account, starts_at=starts_at).first()
@@ -98,5 +100,13 @@ def period_align(*, account: Account, starts_at: datetime, ends_at: datetime) ->
             old.ends_at = starts_at
             old.closed_at = old.closed_at or now
             old.save(update_fields=["ends_at", "closed_at", "updated_at"])
+        # A period opened on its own (a calendar month) after Stripe's start already
+        # holds this period's usage: it becomes Stripe's period, usage and all.
+        later = (UsagePeriod.objects.select_for_update()
+                 .filter(account=account, starts_at__gt=starts_at, starts_at__lt=ends_at).order_by("starts_at").first())
+        if later is not None:
+            later.starts_at, later.ends_at = starts_at, ends_at
+            later.save(update_fields=["starts_at", "ends_at", "updated_at"])
+            return later
         return UsagePeriod.objects.create(account=account, starts_at=starts_at, ends_at=ends_at, token_limit=limit,
                                           cap=cap, overage_rate=rate)

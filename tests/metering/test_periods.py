@@ -203,6 +203,30 @@ def test_period_align_keeps_history_and_starts_at_zero(api, staff_account, spend
     assert ledger_reconcile() == []
 
 
+def test_period_align_adopts_a_calendar_period_opened_before_a_late_webhook(api, staff_account, spend):
+    """Stripe's period began Oct 28; the webhook arrives Nov 3, after a request
+    already opened the November calendar period. That period becomes Stripe's,
+    keeping its usage, and no two periods overlap."""
+    user = staff_account.user
+    with time_machine.travel(utc(2026, 10, 20), tick=False):
+        spend(user, 1_000)
+        october = current_period(user)
+    with time_machine.travel(utc(2026, 11, 2), tick=False):
+        spend(user, 300)
+        november = current_period(user)
+    with time_machine.travel(utc(2026, 11, 3), tick=False):
+        start, end = utc(2026, 10, 28), utc(2026, 11, 28)
+        aligned = period_align(account=staff_account, starts_at=start, ends_at=end)
+        assert aligned.pk == november.pk and (aligned.starts_at, aligned.ends_at, aligned.used) == (start, end, 300)
+        october.refresh_from_db()
+        assert (october.ends_at, october.used) == (start, 1_000)
+        assert current_period(user).pk == november.pk
+        assert usage(api, user)["periodStart"] == "2026-10-28T00:00:00Z"
+    periods = list(UsagePeriod.objects.filter(account=staff_account).order_by("starts_at"))
+    assert all(a.ends_at <= b.starts_at for a, b in zip(periods, periods[1:]))
+    assert ledger_reconcile() == []
+
+
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "orm"])
 def test_a_replay_in_the_next_period_charges_nothing(api, make_user, settings, fast_path):
     settings.METERING_FAST_PATH = fast_path
