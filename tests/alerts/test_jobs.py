@@ -17,6 +17,7 @@ from alerts.locks import job_lock
 from alerts.models import AlertEvent, AnomalyFlag
 from alerts.services import alerts_send_pending
 from alerts.tasks import cleanup_task, reconcile_task, rollover_task
+from billing.tasks import PERIODIC as BILLING_PERIODIC
 from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
 from metering.services import (
     RequestContext,
@@ -83,7 +84,10 @@ def test_setup_periodic_tasks_is_idempotent_and_keeps_staff_edits():
     call_command("setup_periodic_tasks", stdout=StringIO())
     tasks = {t.name: t for t in PeriodicTask.objects.select_related("crontab", "interval")}
     assert set(tasks) == {"cleanup", "period rollover", "weekly digest", "reconciliation", "anomaly detection",
-                          "send pending alerts"}
+                          "send pending alerts", "ledger rollup refresh", "ledger rollup verify",
+                          *BILLING_PERIODIC}
+    assert tasks["ledger rollup refresh"].interval.every == 60
+    assert tasks["billing: bill ended periods' overage"].task == "billing.tasks.overage_bill_ended_periods_task"
 
     def cron(name):
         c = tasks[name].crontab
@@ -102,7 +106,7 @@ def test_setup_periodic_tasks_is_idempotent_and_keeps_staff_edits():
     assert PeriodicTask.objects.get(name="cleanup").enabled is False  # a staff edit survives a deploy
     call_command("setup_periodic_tasks", "--reset", stdout=StringIO())
     assert PeriodicTask.objects.get(name="cleanup").enabled is True
-    assert PeriodicTask.objects.filter(name__in=tasks).count() == 6
+    assert PeriodicTask.objects.filter(name__in=tasks).count() == 8 + len(BILLING_PERIODIC)
 
 
 @pytest.mark.django_db(transaction=True)

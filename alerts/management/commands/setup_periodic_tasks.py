@@ -11,6 +11,8 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django_celery_beat.models import CrontabSchedule, IntervalSchedule, PeriodicTask
 
+from billing.tasks import PERIODIC as BILLING_PERIODIC
+
 
 @dataclass(frozen=True)
 class Job:
@@ -40,6 +42,14 @@ def jobs() -> list[Job]:
             crontab={"minute": "5", "hour": "*"}),
         Job("send pending alerts", "alerts.send_pending", "Send alerts recorded but not sent (broker or SMTP outage).",
             every_seconds=settings.ALERTS_RESEND_EVERY_SECONDS),
+        # Daily rollups behind the dashboard and analytics.
+        Job("ledger rollup refresh", "metering.ledger_rollup_refresh", "Catch the daily rollups up with the ledger.",
+            every_seconds=60),
+        # https://crontab.guru/#15_4_*_*_*
+        Job("ledger rollup verify", "metering.ledger_rollup_verify", "Prove rollups equal the ledger; repair drift.",
+            crontab={"minute": "15", "hour": "4"}),
+        # Billing's jobs, as billing declares them.
+        *(Job(name, task, name, every_seconds=every) for name, (task, every) in BILLING_PERIODIC.items()),
     ]
 
 
