@@ -167,8 +167,8 @@ class _NotFast(Exception):
 
 def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -> list[BatchItemResult] | None:
     """A batch of fresh operations for users with open periods, none past its cap,
-    in six statements (two reads; audit rows, lock, update, ledger rows) whatever
-    its size.
+    in a fixed number of statements whatever its size (two reads; then in one
+    transaction: audit rows, period locks, one update, ledger rows).
 
     Returns None, having changed nothing, for anything else - a replayed or
     conflicting operation id, an unknown user, operation type or provider, a
