@@ -7,7 +7,8 @@
 Steps: create the bench_consensus database if missing, migrate it, seed it
 (bench/seed.py, idempotent), start gunicorn with consensus_tokens/gunicorn.conf.py
 and bench.settings on a free loopback port, drive it with wrk from a second
-process (Lua scripts in bench/), time estimation in-process (bench/estimate.py),
+process (Lua scripts in bench/), compare history sizes request by request in
+process (bench/history.py), time estimation in-process (bench/estimate.py),
 stop gunicorn, print the table. Nothing outside the bench database and Redis db 9
 is touched.
 """
@@ -199,13 +200,20 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
     return runs
 
 
+def history_inprocess(args: argparse.Namespace) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.history", "--json", "-n", str(args.history_requests)],
+                         cwd=ROOT, env=bench_env(), capture_output=True, text=True, check=True, timeout=300).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def estimate_timing(args: argparse.Namespace) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.estimate", "--json"], cwd=ROOT, env=bench_env(),
                          capture_output=True, text=True, check=True, timeout=300).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def report(runs: dict[str, Run], est: dict | None, args: argparse.Namespace, started: float) -> str:
+def report(runs: dict[str, Run], est: dict | None, hist: dict | None, args: argparse.Namespace,
+           started: float) -> str:
     rows: list[tuple[str, str, str, str]] = []  # measure, value, target, verdict
     notes: list[str] = []
 
@@ -242,10 +250,16 @@ def report(runs: dict[str, Run], est: dict | None, args: argparse.Namespace, sta
             ra, rb = statistics.mean(a.rps), statistics.mean(b.rps)
             diff = abs(1 / rb - 1 / ra) * ra  # difference in time per request, relative to 1K
             label = "GET usage" if kind == "usage" else "consume (one user)"
-            rows.append((f"{label}: 1K vs 1M ledger rows",
+            rows.append((f"{label}: 1K vs 1M rows, wrk",
                          f"{ra:,.0f} vs {rb:,.0f} req/s, p50 {statistics.median(a.p50):.2f} vs "
                          f"{statistics.median(b.p50):.2f} ms ({diff:.0%} apart)", "within 20%",
                          verdict(diff <= 0.20 and a.errors == b.errors == 0)))
+    if hist:
+        for kind, label in (("usage", "GET usage"), ("consume", "consume")):
+            h = hist[kind]
+            rows.append((f"{label}: 1K vs 1M rows, in-process, interleaved",
+                         f"median {h['1k_ms']:.2f} vs {h['1m_ms']:.2f} ms ({h['apart']:.0%} apart, "
+                         f"{hist['requests']} each)", "within 20%", verdict(h["apart"] <= 0.20)))
     if est:
         rows.append(("estimate 100 kB, uncached", f"{est['uncached_ms']:.2f} ms (median of {est['repeats']})",
                      "< 15 ms", verdict(est["uncached_ms"] < 15)))
@@ -277,6 +291,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batch-connections", type=int, default=4)
     parser.add_argument("--users", type=int, default=1000)
+    parser.add_argument("--history-requests", type=int, default=500,
+                        help="in-process requests per history size and kind (bench/history.py)")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("GUNICORN_WORKERS", 5)))
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", "sync"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", 1)))
@@ -296,11 +312,13 @@ def main() -> None:
             runs = http_rounds(server, seed, args)
         finally:
             server.stop()
+    hist = history_inprocess(args) if "history" in args.only else None
     est = estimate_timing(args) if "estimate" in args.only else None
-    table = report(runs, est, args, started)
+    table = report(runs, est, hist, args, started)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"runs": {k: vars(v) for k, v in runs.items()}, "estimate": est}, indent=2))
+        args.json.write_text(json.dumps({"runs": {k: vars(v) for k, v in runs.items()}, "history": hist,
+                                         "estimate": est}, indent=2))
 
 
 if __name__ == "__main__":
