@@ -41,6 +41,11 @@ def pytest_runtest_teardown(item, nextitem):
     follow (and the next --reuse-db run) find the seed's tiers, operation types and providers."""
     result = yield
     marker = item.get_closest_marker("django_db")
+    if nextitem is None:
+        # The last test: the session's fixtures, the test database included, are already torn
+        # down and the connection points at DATABASE_URL's own database again; the next run's
+        # django_db_setup seeds anyway.
+        return result
     if (marker and marker.kwargs.get("transaction")) or "transactional_db" in getattr(item, "fixturenames", ()):
         from pytest_django.plugin import blocking_manager_key
 
