@@ -30,7 +30,7 @@ _lock = threading.Lock()
 
 
 def _cache_seconds() -> float:
-    return float(getattr(settings, "SERVICE_KEY_CACHE_SECONDS", 5))
+    return float(settings.SERVICE_KEY_CACHE_SECONDS)
 
 
 def service_key_lookup(hashed: str) -> ServiceKey | None:

@@ -177,6 +177,9 @@ SPECTACULAR_SETTINGS = {
 
 # Metering
 MAX_TOKENS_PER_REQUEST = env.int("MAX_TOKENS_PER_REQUEST", default=1_000_000)
+# How long a web process keeps a service key row (consensus_tokens/auth.py): a revoked
+# key is refused by every process within this many seconds. 0 reads it on every request.
+SERVICE_KEY_CACHE_SECONDS = env.float("SERVICE_KEY_CACHE_SECONDS", default=5)
 RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=15 * 60)
 ESTIMATE_CACHE_SECONDS = env.int("ESTIMATE_CACHE_SECONDS", default=3600)
 DEFAULT_TIER = env("DEFAULT_TIER", default="basic")
