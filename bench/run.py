@@ -60,10 +60,10 @@ def prepare(users: int) -> dict[str, str]:
         log(f"creating database {DB_NAME}")
         subprocess.run(["psql", f"{PG}/postgres", "-qc", f'CREATE DATABASE "{DB_NAME}"'], check=True)
     log("migrating")
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=bench_env(), check=True)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=ROOT, env=bench_env(), check=True, timeout=300)
     log("seeding")
     out = subprocess.run([sys.executable, "-m", "bench.seed", "--users", str(users)], cwd=ROOT, env=bench_env(),
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, timeout=300).stdout
     seed = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
     for line in out.splitlines():
         if "=" not in line:
