@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from metering.models import Account, LedgerEntry, ServiceKey, Tier, UsagePeriod
 from metering.periods import calendar_month
-from metering.services import account_terms, period_current
+from metering.services import account_terms, ledger_rollup_refresh, period_current
 from metering.services.keys import hash_key
 
 DEMO_USERS = [
@@ -62,6 +62,7 @@ class Command(BaseCommand):
             defaults={"name": "demo", "prefix": raw[:12], "scope": ServiceKey.Scope.CONSUME,
                       "environment": settings.DEPLOY_ENVIRONMENT})
         self.stdout.write(f"SERVICE_KEY={raw}")
+        ledger_rollup_refresh()  # so the demo dashboard reads daily rollups from the start
 
     @transaction.atomic
     def _history(self, account: Account, now, current_share: float, past_shares, *, seed: str) -> None:
