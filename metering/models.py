@@ -190,8 +190,10 @@ class LedgerEntry(models.Model):
         ADJUSTMENT = "adjustment", "Adjustment"
         RESET = "reset", "Reset"
 
-    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="ledger")
-    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="ledger")
+    # No single-column indexes: ledger_account_recent and ledger_period_kind lead with
+    # these columns, and every index is one more write on the consume path.
+    account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="ledger", db_index=False)
+    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="ledger", db_index=False)
     kind = models.CharField(max_length=20, choices=Kind.choices)
     # Change to period.used and period.reserved made by this row.
     used_delta = models.BigIntegerField(default=0)
@@ -268,7 +270,9 @@ class Reservation(models.Model):
 class AuditLog(models.Model):
     """Who asked for what, and what we answered; refused requests included."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # audit_user_recent leads with user: no separate index.
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True,
+                             related_name="+", db_index=False)
     action = models.CharField(max_length=40)
     tokens = models.BigIntegerField(null=True, blank=True)
     operation_type = models.CharField(max_length=40, blank=True, default="")
