@@ -24,9 +24,8 @@ source scripts/setup.sh
 
 echo "run: database ${DATABASE_URL:-sqlite (db.sqlite3)}; cache/broker ${REDIS_URL:-local memory, Celery eager}"
 python manage.py migrate --noinput
-if python manage.py help setup_periodic_tasks >/dev/null 2>&1; then
-  python manage.py setup_periodic_tasks
-fi
+python manage.py setup_periodic_tasks
+python manage.py setup_support_group
 python manage.py collectstatic --noinput -v 0
 echo
 echo "== demo users and service key ================================================"
