@@ -4,7 +4,7 @@ Other apps count with the helpers here, e.g. `metrics.tokens_consumed.inc(n)`,
 `metrics.alerts_sent.labels(kind="threshold").inc()`,
 `metrics.overage_billed_cents.inc(cents)`. An increment is a few microseconds.
 
-Under gunicorn set PROMETHEUS_MULTIPROC_DIR (consensus_tokens/gunicorn_conf.py
+Under gunicorn set PROMETHEUS_MULTIPROC_DIR (consensus_tokens/gunicorn.conf.py
 does) so every worker writes its samples to shared files and a scrape adds them
 up; without it the process's own registry is served. State that lives in the
 database (open reservations, webhook triggers) is read at scrape time, so it is

@@ -130,7 +130,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = env.path("STATIC_ROOT", default=BASE_DIR / "staticfiles")
 
 # E-mail: EMAIL_URL such as smtp://127.0.0.1:1025; the console on the embedded default.
 vars().update(env.email_url("EMAIL_URL", default="consolemail://"))
