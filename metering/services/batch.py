@@ -39,7 +39,7 @@ class BatchItemResult:
 
 def usage_consume_batch(*, requests: list[ConsumeRequest], ctx: RequestContext) -> list[BatchItemResult]:
     if settings.METERING_FAST_PATH and connection.vendor == "postgresql":
-        from .fast_consume import consume_batch_fast
+        from .fast_batch import consume_batch_fast
 
         try:  # all fresh and within caps: a few set-based statements; anything else is answered below
             fast = consume_batch_fast(requests=requests, ctx=ctx)
