@@ -18,7 +18,7 @@ from ..models import Account, AuditLog, LedgerEntry, OperationType, Provider, Us
 from .accounts import account_for_user, period_current
 from .audit import audit_row
 from .context import RequestContext
-from .usage import ConsumeRequest, _notify_usage, consume_response, usage_of
+from .usage import ConsumeRequest, _notify_usage, consume_response, stored_body, usage_of
 
 MAX_BATCH = 1000
 
@@ -104,7 +104,7 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
             raise BatchRefused(f"Item {i}: operation {r.operation_id} was already recorded with a different body.",
                                code="operation_id_conflict", status=409, index=i)
         else:
-            results[i] = BatchItemResult(i, {**entry.response, "entryId": entry.pk}, replayed=True)
+            results[i] = BatchItemResult(i, {**stored_body(entry.response, r), "entryId": entry.pk}, replayed=True)
             replay_audits.append(audit_row(ctx=ctx, user_id=r.user_id, action="consume", result="replayed",
                                            tokens=r.tokens, operation_type=r.operation_type,
                                            operation_id=r.operation_id, detail={"batch": True}))

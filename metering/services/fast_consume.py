@@ -1,70 +1,89 @@
-"""The direct consume on PostgreSQL in two statements.
+"""The direct consume on PostgreSQL in one statement, one round trip.
 
-Same rules as the ORM path in usage.py: one conditional UPDATE holds the cap,
-the ledger row and audit row commit with it, a concurrent replay of the same
-operation id hits the ledger's unique constraint and rolls everything back.
-When the UPDATE does not happen (unknown user or operation type, no open
-period, a replay, the cap) this returns None and the ORM path, which tells
-those cases apart, answers instead.
+Same rules as the ORM path in usage.py, in a single autocommit statement: one
+conditional UPDATE holds the cap, and the ledger row and the audit row are
+inserted by the same statement, so they commit together or not at all. A
+concurrent replay of the same operation id hits the ledger's unique constraint
+and the whole statement fails, changing nothing.
 
-Both statements run as server-side prepared statements on a plain psycopg
-cursor over Django's connection (so inside Django's transaction): PostgreSQL
-plans them once per connection instead of on every request, which was most of
-the database's time for a consume (bench/README.md).
+The statement applies only to the plain case: a known, active operation type
+and provider, an open period, a fresh operation id, room under the cap, and no
+alert threshold (or the entry into overage) crossed by this change. Anything
+else - unknown user or operation type, no open period, a replay, the cap, a
+crossing - returns None having changed nothing, and the ORM path, which tells
+those cases apart and records threshold alerts in its transaction, answers.
+
+It runs as a server-side prepared statement on a plain psycopg cursor over
+Django's connection (PostgreSQL plans it once per connection). Outside a
+transaction no BEGIN/COMMIT round trips are needed, and no health-check query
+either: if a reused connection turns out to be broken the statement is retried
+once on a new one, which is safe because it is idempotent per operation id (if
+the first attempt did commit, the retry finds its ledger row and the ORM path
+answers with the replay).
 """
 from __future__ import annotations
 
-import json
+from contextlib import nullcontext
 from decimal import Decimal
 
 import psycopg
-from django.db import IntegrityError, connection, transaction
+from django.conf import settings
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from ..models import UsagePeriod
 from .context import RequestContext
 from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response
 
-_UPDATE = """
-WITH acct AS (
-    SELECT a.id AS account_id, t.slug AS tier_slug
-    FROM metering_account a LEFT JOIN metering_tier t ON t.id = a.tier_id
-    WHERE a.user_id = %(user_id)s
-), per AS (
-    SELECT p.id FROM metering_usageperiod p JOIN acct ON p.account_id = acct.account_id
-    WHERE p.starts_at <= %(now)s AND p.ends_at > %(now)s
-    ORDER BY p.starts_at DESC LIMIT 1
-), upd AS (
+_CONSUME = """
+WITH upd AS (
     UPDATE metering_usageperiod p SET used = p.used + %(tokens)s, updated_at = %(now)s
-    FROM per
-    WHERE p.id = per.id AND p.used + p.reserved + %(tokens)s <= p.cap
+    WHERE p.id = (SELECT cur.id FROM metering_usageperiod cur
+                  WHERE cur.account_id = (SELECT a.id FROM metering_account a WHERE a.user_id = %(user_id)s)
+                    AND cur.starts_at <= %(now)s AND cur.ends_at > %(now)s
+                  ORDER BY cur.starts_at DESC LIMIT 1)
+      AND p.used + p.reserved + %(tokens)s <= p.cap
       AND EXISTS (SELECT 1 FROM metering_operationtype o WHERE o.slug = %(operation_type)s AND o.active)
       AND (%(provider)s = '' OR EXISTS (SELECT 1 FROM metering_provider v WHERE v.slug = %(provider)s AND v.active))
       AND NOT EXISTS (SELECT 1 FROM metering_ledgerentry l
                       WHERE l.account_id = p.account_id AND l.operation_id = %(operation_id)s
                         AND l.kind = 'consumption')
-    RETURNING p.id, p.account_id, p.used, p.reserved, p.token_limit, p.cap, p.overage_rate, p.starts_at, p.ends_at
-)
-SELECT upd.*, (SELECT tier_slug FROM acct) FROM upd
-"""
-
-_INSERT = """
-WITH entry AS (
+      -- an alert threshold or the entry into overage: the ORM path records the alert in its transaction
+      -- (in bigint: the limit is an int4 column, and limit x 100 can pass 2^31)
+      AND NOT (p.token_limit > 0 AND (
+            (p.used <= p.token_limit AND p.used + %(tokens)s > p.token_limit)
+            OR EXISTS (SELECT 1 FROM unnest(%(thresholds)s::bigint[]) AS th(pct)
+                       WHERE p.used * 100 < th.pct * p.token_limit
+                         AND th.pct * p.token_limit <= (p.used + %(tokens)s) * 100)))
+    RETURNING p.id, p.account_id, p.used, p.reserved, p.token_limit, p.cap, p.overage_rate, p.starts_at, p.ends_at,
+              (SELECT t.slug FROM metering_account a JOIN metering_tier t ON t.id = a.tier_id
+               WHERE a.id = p.account_id) AS tier_slug
+), entry AS (
     INSERT INTO metering_ledgerentry
         (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
          estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
-    VALUES (%(account_id)s, %(period_id)s, 'consumption', %(tokens)s, 0, %(operation_id)s, %(operation_type)s,
-            %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(service_key_id)s, '', '', %(fingerprint)s,
-            %(response)s, %(now)s)
+    SELECT upd.account_id, upd.id, 'consumption', %(tokens)s, 0, %(operation_id)s, %(operation_type)s,
+           %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(service_key_id)s, '', '', %(fingerprint)s,
+           jsonb_build_object('recordedAt', %(now)s, 'usageAfter', jsonb_build_object(
+               'tier', upd.tier_slug, 'limit', upd.token_limit, 'used', upd.used, 'reserved', upd.reserved,
+               'cap', upd.cap, 'overageRate', upd.overage_rate::text,
+               'periodStart', upd.starts_at, 'periodEnd', upd.ends_at)),
+           %(now)s
+    FROM upd
     RETURNING id
 ), audit AS (
     INSERT INTO metering_auditlog
         (user_id, action, tokens, operation_type, operation_id, result, client_ip, user_agent, service_key_id,
          actor, request_id, detail, created_at)
-    VALUES (%(user_id)s, 'consume', %(tokens)s, %(operation_type)s, %(operation_id)s, 'recorded', %(client_ip)s,
-            %(user_agent)s, %(service_key_id)s, %(actor)s, %(request_id)s, '{}', %(now)s)
+    -- the account's user_id, not the parameter: a userId past the column's range must find
+    -- no account (the ORM path answers unknown_user), not fail on this insert's cast
+    SELECT (SELECT a.user_id FROM metering_account a WHERE a.id = upd.account_id), 'consume', %(tokens)s, %(operation_type)s, %(operation_id)s, 'recorded', %(client_ip)s,
+           %(user_agent)s, %(service_key_id)s, %(actor)s, %(request_id)s, '{}', %(now)s
+    FROM upd
 )
-SELECT id FROM entry
+SELECT upd.id, upd.account_id, upd.used, upd.reserved, upd.token_limit, upd.cap, upd.overage_rate, upd.starts_at,
+       upd.ends_at, upd.tier_slug, entry.id
+FROM upd, entry
 """
 
 
@@ -72,31 +91,47 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
     now = timezone.now()
     params = {
         "user_id": request.user_id, "now": now, "tokens": request.tokens, "operation_type": request.operation_type,
-        "provider": request.provider, "operation_id": request.operation_id,
+        "provider": request.provider, "operation_id": request.operation_id, "model": request.model,
+        "estimated_tokens": request.estimated_tokens, "service_key_id": ctx.service_key_id,
+        "fingerprint": request.fingerprint(), "client_ip": ctx.client_ip, "user_agent": (ctx.user_agent or "")[:300],
+        "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": list(settings.ALERT_THRESHOLDS),
     }
-    connection.close_if_health_check_failed()  # as Django's own cursors do before first use
     try:
-        # wrap_database_errors: psycopg's errors become Django's, and a broken
-        # connection is noticed and closed at the end of the request.
-        with transaction.atomic(), connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-            cursor.execute(_UPDATE, params, prepare=True)
-            row = cursor.fetchone()
-            if row is None:
-                return None
-            period_id, account_id, used, reserved, limit, cap, rate, starts_at, ends_at, tier_slug = row
-            usage = Usage(tier=tier_slug, limit=limit, used=used, reserved=reserved, cap=cap,
-                          overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
-            body = consume_response(request=request, usage=usage, recorded_at=now)
-            cursor.execute(_INSERT, prepare=True, params={
-                **params, "account_id": account_id, "period_id": period_id, "model": request.model,
-                "estimated_tokens": request.estimated_tokens, "service_key_id": ctx.service_key_id,
-                "fingerprint": request.fingerprint(), "response": json.dumps(body), "client_ip": ctx.client_ip,
-                "user_agent": (ctx.user_agent or "")[:300], "actor": ctx.actor, "request_id": ctx.request_id,
-            })
-            entry_id = cursor.fetchone()[0]
-            period = UsagePeriod(pk=period_id, account_id=account_id, used=used, reserved=reserved,
-                                 token_limit=limit, cap=cap, overage_rate=rate, starts_at=starts_at, ends_at=ends_at)
-            _notify_usage(period, used - request.tokens)
+        row = _execute(params)
     except IntegrityError:
         return None  # the same operation id committed concurrently: the ORM path replays it
+    if row is None:
+        return None
+    period_id, account_id, used, reserved, limit, cap, rate, starts_at, ends_at, tier_slug, entry_id = row
+    usage = Usage(tier=tier_slug, limit=limit, used=used, reserved=reserved, cap=cap,
+                  overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
+    # Committed already (or with the caller's transaction); no threshold was crossed, so
+    # the receivers only count (metrics) - alerts find nothing to record.
+    period = UsagePeriod(pk=period_id, account_id=account_id, used=used, reserved=reserved,
+                         token_limit=limit, cap=cap, overage_rate=rate, starts_at=starts_at, ends_at=ends_at)
+    _notify_usage(period, used - request.tokens)
+    body = consume_response(request=request, usage=usage, recorded_at=now)
     return ConsumeResult({**body, "entryId": entry_id}, replayed=False)
+
+
+def _execute(params: dict) -> tuple | None:
+    for attempt in (1, 2):
+        reused = connection.connection is not None
+        try:
+            connection.ensure_connection()
+            # In the caller's transaction, a savepoint, so a unique violation leaves it usable.
+            scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
+            # wrap_database_errors: psycopg's errors become Django's, and a broken
+            # connection is noticed and closed at the end of the request.
+            with scope, connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+                cursor.execute(_CONSUME, params, prepare=True)
+                row = cursor.fetchone()
+            connection.health_check_done = True  # it just answered: Django need not ask again
+            return row
+        except (OperationalError, InterfaceError):
+            # A persistent connection the server dropped (restart, idle timeout): what
+            # CONN_HEALTH_CHECKS would have caught with a query of its own before this one.
+            if attempt == 2 or not reused or connection.in_atomic_block:
+                raise
+            connection.close()
+    return None

@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from decimal import Decimal
 from typing import Any
 
@@ -305,6 +306,24 @@ def consume_response(*, request: ConsumeRequest, usage: Usage, recorded_at: date
     }
 
 
+def stored_body(response: dict[str, Any], request: ConsumeRequest) -> dict[str, Any]:
+    """The answer a consume gave, from its ledger row's `response`: the body itself
+    (ORM and batch paths), or, from the single-statement path (fast_consume.py),
+    the usage after it, which PostgreSQL stored raw and this formats - so the
+    formatting lives in one place, consume_response."""
+    after = response.get("usageAfter")
+    if after is None:
+        return response
+    usage = Usage(tier=after["tier"], limit=after["limit"], used=after["used"], reserved=after["reserved"],
+                  cap=after["cap"], overage_rate=Decimal(after["overageRate"]),
+                  period_start=_stored_time(after["periodStart"]), period_end=_stored_time(after["periodEnd"]))
+    return consume_response(request=request, usage=usage, recorded_at=_stored_time(response["recordedAt"]))
+
+
+def _stored_time(value: str) -> datetime:
+    return datetime.fromisoformat(value).astimezone(dt_timezone.utc)
+
+
 def _replay(account: Account, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResult | None:
     entry = (LedgerEntry.objects.filter(account=account, operation_id=request.operation_id,
                                         kind=LedgerEntry.Kind.CONSUMPTION)
@@ -317,7 +336,7 @@ def _replay(account: Account, request: ConsumeRequest, ctx: RequestContext) -> C
         raise OperationIdConflict(f"Operation {request.operation_id} was already recorded with a different body.")
     audit_record(ctx=ctx, user_id=request.user_id, action="consume", result="replayed", tokens=request.tokens,
                  operation_type=request.operation_type, operation_id=request.operation_id)
-    return ConsumeResult({**entry.response, "entryId": entry.pk}, replayed=True)
+    return ConsumeResult({**stored_body(entry.response, request), "entryId": entry.pk}, replayed=True)
 
 
 def usage_consume(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResult:

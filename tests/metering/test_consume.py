@@ -21,24 +21,56 @@ def path(request, settings):
     return request.param
 
 
+def _stored(user, operation_id: str) -> dict:
+    return LedgerEntry.objects.get(account__user=user, operation_id=operation_id, kind="consumption").response
+
+
 def test_fast_and_orm_paths_answer_alike(api, make_user, settings, spend):
     bodies = []
     for fast in (True, False):
         settings.METERING_FAST_PATH = fast
         user = make_user("enterprise")
-        spend(user, 199_000)
+        spend(user, 201_000)  # past the limit already: this consume crosses no alert threshold
         response = api.post(CONSUME, consume_body(user, "same", 2_234, "consensus", provider="anthropic",
                                                   model="claude-sonnet-4", estimatedTokens=2_000), format="json")
         assert response.status_code == 201, response.content
+        # the single statement stores the usage after it raw; the ORM path the body itself
+        assert ("usageAfter" in _stored(user, "same")) is fast
         bodies.append(response.json())
     for body in bodies:
         assert set(body) == {"operationId", "entryId", "tokens", "recordedAt", "usage"}
         assert body["recordedAt"].endswith("Z")
         body.pop("entryId"), body.pop("recordedAt")
     assert bodies[0] == bodies[1]
-    assert bodies[0]["usage"] == {**bodies[0]["usage"], "tier": "enterprise", "used": 201_234, "reserved": 0,
-                                  "usagePercentage": 100.61, "status": "exceeded",
-                                  "overage": {"tokens": 1_234, "charge": "0.9872"}}
+    assert bodies[0]["usage"] == {**bodies[0]["usage"], "tier": "enterprise", "used": 203_234, "reserved": 0,
+                                  "usagePercentage": 101.61, "status": "exceeded",
+                                  "overage": {"tokens": 3_234, "charge": "2.5872"}}
+
+
+@pytest.mark.parametrize("before, tokens", [(7_400, 100), (8_950, 100), (9_990, 10), (9_990, 20), (0, 9_000)])
+def test_a_consume_that_crosses_a_threshold_is_left_to_the_transactional_path(api, make_user, settings, spend,
+                                                                               before, tokens):
+    """75%, 90%, exactly 100%, the entry into overage, several at once: the ORM path answers and
+    records the alert in its transaction; the single statement changes nothing first."""
+    settings.METERING_FAST_PATH = True
+    user = make_user("basic")
+    if before:
+        spend(user, before)
+    response = api.post(CONSUME, consume_body(user, "crossing", tokens), format="json")
+    assert response.status_code == 201, response.content
+    assert "usageAfter" not in _stored(user, "crossing")
+    assert current_period(user).used == before + tokens
+    assert ledger_reconcile() == []
+
+
+def test_a_consume_that_crosses_nothing_takes_the_single_statement(api, make_user, settings, spend):
+    settings.METERING_FAST_PATH = True
+    user = make_user("basic")
+    spend(user, 7_500)  # exactly 75% already: the next token crosses nothing until 90%
+    response = api.post(CONSUME, consume_body(user, "plain", 1_499), format="json")
+    assert response.status_code == 201, response.content
+    assert "usageAfter" in _stored(user, "plain")
+    assert response.json()["usage"]["used"] == 8_999
 
 
 def test_replay_answers_200_with_the_same_body(api, make_user, path):
@@ -126,3 +158,52 @@ def test_retired_operation_types_and_providers_are_refused(api, make_user, path)
     assert gone.status_code == 400 and gone.json()["error"]["code"] == "unknown_provider"
     assert not LedgerEntry.objects.exists()
     assert ledger_reconcile() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dropped_database_connection_is_reopened_and_the_consume_recorded_once(make_user, settings):
+    """The single statement skips Django's per-request health-check query: when the server has dropped
+    the persistent connection, it reconnects and runs again (safe: idempotent per operation id)."""
+    from django.db import connection, connections
+
+    from metering.services import ConsumeRequest, usage_consume
+    from metering.services.context import RequestContext
+
+    settings.METERING_FAST_PATH = True
+    user = make_user()
+    ctx = RequestContext()
+    usage_consume(request=ConsumeRequest(user_id=user.pk, operation_id="a", tokens=10, operation_type="summary"),
+                  ctx=ctx)
+    backend_pid = connection.connection.info.backend_pid
+    other = connections.create_connection("default")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [backend_pid])
+    finally:
+        other.close()
+    result = usage_consume(request=ConsumeRequest(user_id=user.pk, operation_id="b", tokens=20,
+                                                  operation_type="summary"), ctx=ctx)
+    assert not result.replayed and result.body["usage"]["used"] == 30
+    assert connection.connection.info.backend_pid != backend_pid
+    assert current_period(user).used == 30
+    assert ledger_reconcile() == []
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "orm"])
+def test_the_largest_limits_do_not_overflow(api, make_user, settings, spend, fast):
+    """A tier's limit may be as large as its column allows; % arithmetic on it passes 2^31."""
+    from decimal import Decimal
+
+    settings.METERING_FAST_PATH = fast
+    Tier.objects.create(slug="huge", name="Huge", monthly_token_limit=2_147_483_647, overage_rate=Decimal("0.0001"),
+                        allow_overage=False)
+    user = make_user("huge")
+    settings.MAX_TOKENS_PER_REQUEST = 2_000_000_000  # the service's own check, for the setup spend only
+    spend(user, 1_610_000_000)  # 75% is 1,610,612,735.25
+    quiet = api.post(CONSUME, consume_body(user, "below", 100), format="json")
+    assert quiet.status_code == 201, quiet.content
+    assert ("usageAfter" in _stored(user, "below")) is fast
+    crossing = api.post(CONSUME, consume_body(user, "past-75", 1_000_000), format="json")
+    assert crossing.status_code == 201, crossing.content
+    assert crossing.json()["usage"]["used"] == 1_611_000_100
+    assert current_period(user).used == 1_611_000_100
