@@ -1,6 +1,7 @@
 """The service API: thin views that validate, call one service, and answer."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.conf import settings
@@ -10,6 +11,7 @@ from rest_framework import serializers, status
 from rest_framework.exceptions import ParseError, PermissionDenied
 from rest_framework.pagination import CursorPagination
 from rest_framework.parsers import JSONParser
+from rest_framework.utils.json import strict_constant as json_strict_constant
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -29,11 +31,18 @@ class StrictJSONParser(JSONParser):
     the database cannot store) are malformed JSON - a 400, not a 500."""
 
     def parse(self, stream, media_type=None, parser_context=None):
+        encoding = (parser_context or {}).get("encoding", settings.DEFAULT_CHARSET)
+        raw = stream.read()
         try:
-            data = super().parse(stream, media_type, parser_context)
+            data = json.loads(raw.decode(encoding), parse_constant=json_strict_constant if self.strict else None)
         except RecursionError:
             raise ParseError("JSON parse error - nested too deeply.") from None
-        if _holds_surrogates(data):
+        except ValueError as error:  # malformed JSON, or bytes that are not text in that encoding
+            raise ParseError(f"JSON parse error - {error}") from None
+        # In UTF-8 a lone surrogate cannot come from the bytes (they would not decode),
+        # only from a \u escape: without one there is nothing to look for.
+        maybe_escaped = b"\\u" in raw or encoding.lower().replace("-", "") != "utf8"
+        if maybe_escaped and _holds_surrogates(data):
             raise ParseError("JSON parse error - a string holds a lone surrogate, which is not Unicode text.")
         return data
 

@@ -186,6 +186,8 @@ def test_unknown_provider_is_refused(api, user, path, base):
     pytest.param(b"[" * 100_000 + b"]" * 100_000, id="deeply-nested"),
     pytest.param(b'{"userId": 1, "operationId": "\\ud800", "topic": "\\udfff"}', id="lone-surrogate"),
     pytest.param(b'{"operations": [{"model": "\\udfff"}], "sources": ["ok", "\\ud800x"]}', id="nested-surrogate"),
+    pytest.param(b'{"userId": 1, "operationId": "\xed\xa0\x80"}', id="surrogate-as-utf8-bytes"),
+    pytest.param(b'{"userId": 1, "operationId": "caf\xc3\xa9 \\ud83d"}', id="text-then-lone-surrogate"),
 ])
 def test_malformed_json_is_400(api, user, path, base, raw):
     response = api.generic("POST", path, raw, content_type="application/json")
