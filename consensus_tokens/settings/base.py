@@ -109,7 +109,9 @@ else:
 RATELIMIT_ENABLE = env.bool("RATELIMIT_ENABLE", default=True)
 RATELIMIT_USE_CACHE = "ratelimit"
 RATELIMIT_FAIL_OPEN = True
-RATELIMIT_TIER_CACHE_SECONDS = env.float("RATELIMIT_TIER_CACHE_SECONDS", default=5)
+# A worker keeps users' tier limits until a tier or account change bumps the limits version
+# (the next request sees it), and this long at most: a safety net, and the only bound without Redis.
+RATELIMIT_TIER_CACHE_SECONDS = env.float("RATELIMIT_TIER_CACHE_SECONDS", default=600)
 RATELIMIT_RETRY_SECONDS = env.float("RATELIMIT_RETRY_SECONDS", default=2)
 RATELIMIT_WARNING_INTERVAL = env.float("RATELIMIT_WARNING_INTERVAL", default=10)
 RATELIMIT_API_PREFIXES = ("/api/tokens/",)

@@ -3,20 +3,31 @@ password reset; 429 with the error shape and headers; nothing but an audit row f
 refused request; failing open when the counter store is unreachable."""
 from __future__ import annotations
 
+import json
 import logging
 import time
+from datetime import timedelta
 
 import pytest
 import redis
+import requests
+from django.db import transaction
 from django.test import Client
-from rest_framework.test import APIClient
+from django.utils import timezone
+from rest_framework.parsers import JSONParser
+from rest_framework.request import Request
+from rest_framework.test import APIClient, APIRequestFactory
 
+from billing.models import BillingAccount
+from billing.services import subscriptions_expire
 from consensus_tokens import metrics
-from metering.models import AuditLog, LedgerEntry, ServiceKey, Tier
+from consensus_tokens.auth import ServiceKeyAuthentication
+from consensus_tokens.ratelimit import TokenRateThrottle
+from metering.models import Account, AuditLog, LedgerEntry, ServiceKey, Tier
 from metering.services import service_key_create, usage_get
 from metering.services.keys import hash_key
 
-from .conftest import free_port, run_redis
+from .conftest import free_port, run_gunicorn, run_redis
 
 pytestmark = pytest.mark.django_db
 
@@ -117,19 +128,85 @@ def test_the_service_key_has_its_own_ceiling(make_user):
     assert AuditLog.objects.get(result="rate_limited").detail["scope"] == "service_key"
 
 
-def test_a_staff_change_to_the_tier_applies_within_seconds(api, make_user, settings):
-    settings.RATELIMIT_TIER_CACHE_SECONDS = 0.3
+def test_a_tier_change_applies_to_the_very_next_request_though_limits_are_cached_long(api, make_user, settings):
+    settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
     set_tier_rate("pro", 2)
     user = make_user("pro")
     assert [api.get(f"/api/tokens/usage?userId={user.pk}").status_code for _ in range(3)] == [200, 200, 429]
     set_tier_rate("pro", 10)
-    time.sleep(0.35)
     again = api.get(f"/api/tokens/usage?userId={user.pk}")
     assert again.status_code == 200 and again["X-RateLimit-Limit"] == "10"
     assert again["X-RateLimit-Remaining"] == "6"  # the hour's 4 requests still count
     set_tier_rate("pro", 3)  # and lowering it refuses at once, no fresh budget
-    time.sleep(0.35)
     assert api.get(f"/api/tokens/usage?userId={user.pk}").status_code == 429
+
+
+def test_support_changing_a_tiers_rate_in_admin_applies_at_once(api, make_user, settings, django_user_model):
+    from django.contrib.auth.models import Group
+    from django.core.management import call_command
+
+    settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
+    user = make_user("basic")
+    assert api.get(f"/api/tokens/usage?userId={user.pk}")["X-RateLimit-Limit"] == "100"
+    call_command("setup_support_group")
+    staff = django_user_model.objects.create_user("sam", "sam@example.com", "pw-for-tests-1", is_staff=True)
+    staff.groups.add(Group.objects.get(name="support"))
+    support = Client()
+    support.force_login(staff)
+    basic = Tier.objects.get(slug="basic")
+    form = {"name": basic.name, "requests_per_hour": 1, "features": json.dumps(basic.features)}
+    assert support.post(f"/admin/metering/tier/{basic.pk}/change/", form).status_code == 302
+    refused = api.get(f"/api/tokens/usage?userId={user.pk}")
+    assert refused.status_code == 429 and refused["X-RateLimit-Limit"] == "1"
+
+
+def test_an_accounts_tier_change_applies_at_once(api, make_user, settings, django_user_model):
+    """By the support console's action (metering.services.account_change_tier) and by
+    billing ending a canceled subscription's access (billing.services.subscriptions_expire)."""
+    from django.contrib.auth.models import Group
+    from django.core.management import call_command
+
+    settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
+    settings.BILLING_DEFAULT_TIER = "basic"
+    set_tier_rate("basic", 2)
+    moved, canceled = make_user("enterprise"), make_user("pro")
+    assert api.get(f"/api/tokens/usage?userId={moved.pk}")["X-RateLimit-Limit"] == "1000"
+    assert api.get(f"/api/tokens/usage?userId={canceled.pk}")["X-RateLimit-Limit"] == "500"
+
+    call_command("setup_support_group")
+    staff = django_user_model.objects.create_user("sam", "sam@example.com", "pw-for-tests-1", is_staff=True)
+    staff.groups.add(Group.objects.get(name="support"))
+    support = Client()
+    support.force_login(staff)
+    answer = support.post(f"/admin/metering/account/{moved.token_account.pk}/support/change-tier/",
+                          {"tier": Tier.objects.get(slug="pro").pk, "reason": "downgrade asked by phone"})
+    assert answer.status_code == 302
+    assert api.get(f"/api/tokens/usage?userId={moved.pk}")["X-RateLimit-Limit"] == "500"
+
+    BillingAccount.objects.create(account=canceled.token_account, subscription_status="canceled",
+                                  paid_through=timezone.now() - timedelta(minutes=1))
+    assert subscriptions_expire() == 1
+    answers = [api.get(f"/api/tokens/usage?userId={canceled.pk}") for _ in range(2)]  # the hour's 2nd and 3rd
+    assert [(r.status_code, r["X-RateLimit-Limit"]) for r in answers] == [(200, "2"), (429, "2")]
+
+
+def test_saves_that_do_not_decide_a_limit_keep_the_cached_limits(api, make_user, settings):
+    """An account's status or holds, a tier's prices: no version bump, no re-reading."""
+    settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
+    user = make_user("basic")
+    api.get(f"/api/tokens/usage?userId={user.pk}")
+    probe = redis.Redis.from_url(settings.CACHES["ratelimit"]["LOCATION"])
+    version = probe.get("rl:ct:limits-version")
+    account = user.token_account
+    account.billing_hold = True
+    account.save(update_fields=["billing_hold"])
+    basic = Tier.objects.get(slug="basic")
+    basic.monthly_price_cents += 1
+    basic.save(update_fields=["monthly_price_cents"])
+    assert probe.get("rl:ct:limits-version") == version
+    set_tier_rate("basic", 5)
+    assert int(probe.get("rl:ct:limits-version")) > int(version or 0)
+    probe.close()
 
 
 def test_a_signed_in_user_is_limited_by_their_own_tier(make_user):
@@ -188,25 +265,178 @@ def test_an_unreachable_store_fails_open_with_a_warning_and_a_metric(api, make_u
     assert metrics.ratelimit_backend_errors._value.get() - before == 5
 
 
-def test_counting_a_request_costs_one_pipelined_round_trip(make_user, settings):
+def client_commands(port: int, action) -> list[str]:
+    """The commands clients sent the Redis server on `port` while `action` ran, seen
+    with MONITOR (the commands a Lua script runs are reported apart, and left out)."""
+    sentinel = f"end-of-action-{time.time_ns()}"
+    monitor_client, sentinel_client = redis.Redis(port=port), redis.Redis(port=port)
+    sentinel_client.ping()  # connected (its handshake) before anything is watched
+    with monitor_client.monitor() as monitor:
+        action()
+        sentinel_client.echo(sentinel)
+        sent = []
+        while True:
+            command = monitor.next_command()
+            if command["command"] == f"ECHO {sentinel}":
+                break
+            if command["client_type"] != "lua":
+                sent.append(command["command"].split(" ", 1)[0].upper())
+    monitor_client.close()
+    sentinel_client.close()
+    return sent
+
+
+def limits_redis(settings, port: int) -> None:
+    settings.CACHES = {**settings.CACHES, "ratelimit": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": f"redis://127.0.0.1:{port}/0"}}
+
+
+def test_counting_a_request_costs_one_redis_command(make_user, settings):
     with run_redis() as (port, _process):
-        settings.CACHES = {**settings.CACHES, "ratelimit": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": f"redis://127.0.0.1:{port}/0"}}
-        key, raw = service_key_create(name="counted", scope=ServiceKey.Scope.CONSUME)
+        limits_redis(settings, port)
+        _key, raw = service_key_create(name="counted", scope=ServiceKey.Scope.CONSUME)
         client = APIClient()
         client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
         user = make_user("basic")
-        client.get(f"/api/tokens/usage?userId={user.pk}")  # warms the tier and key caches
+        client.get(f"/api/tokens/usage?userId={user.pk}")  # warms the tier and key caches, loads the script
+        answers = []
+        sent = client_commands(port, lambda: answers.append(client.get(f"/api/tokens/usage?userId={user.pk}")))
+        assert sent == ["EVALSHA"]  # the user's and the key's counters, and the limits version
+        assert answers[0].status_code == 200 and answers[0]["X-RateLimit-Remaining"] == "98"
         probe = redis.Redis(port=port)
-        before = probe.info("commandstats")
-        assert client.get(f"/api/tokens/usage?userId={user.pk}").status_code == 200
-        after = probe.info("commandstats")
-        calls = {name: after[name]["calls"] - before.get(name, {"calls": 0})["calls"] for name in after}
-        calls = {name: n for name, n in calls.items() if n and name != "cmdstat_info"}
-        # the user's and the key's counters: INCR and EXPIRE each, sent together
-        assert calls == {"cmdstat_incrby": 2, "cmdstat_expire": 2}
-        assert len(probe.keys("rl:*")) == 2
+        assert sorted(k.decode().split(":")[2] for k in probe.keys("rl:ct:*:*:*")) == ["service_key", "user"]
+        assert all(3600 < probe.ttl(k) <= 3605 for k in probe.keys("rl:ct:*:*:*"))  # period + EXPIRATION_FUDGE
+        # A restarted (or flushed) Redis has forgotten the script: it is loaded again, nothing is lost.
+        probe.script_flush()
+        assert client.get(f"/api/tokens/usage?userId={user.pk}")["X-RateLimit-Remaining"] == "97"
         probe.close()
+
+
+def test_windows_are_django_ratelimits(settings):
+    """The counters' windows are django-ratelimit's (its fixed windows with a per-key
+    jitter), computed for a whole batch at once."""
+    from django_ratelimit.core import _get_window
+
+    from consensus_tokens.ratelimit import _limit_entries
+
+    specs = [("user", uid) for uid in (1, 42, 98765, 2**40)] + [("service_key", 7)]
+    for period in (1, 60, 3600):
+        while True:  # both read the clock: retry if a second ended in between
+            ts = int(time.time())
+            entries = _limit_entries(specs, period, ts)
+            expected = [_get_window(str(value), period) for _, value in specs]
+            if int(time.time()) == ts:
+                break
+        assert [window for _, _, window in entries] == expected
+        assert [key for key, _, _ in entries] == [f"rl:ct:{scope}:{value}:{w}" for (scope, value), w in
+                                                  zip(specs, expected)]
+
+
+def bulk_users(count: int, tier: str) -> list[int]:
+    from django.contrib.auth import get_user_model
+
+    User = get_user_model()
+    prefix = f"bulk{time.time_ns()}-"
+    User.objects.bulk_create([User(username=f"{prefix}{i}", password="!") for i in range(count)])
+    ids = list(User.objects.filter(username__startswith=prefix).values_list("pk", flat=True))
+    Account.objects.bulk_create([Account(user_id=pk, tier=Tier.objects.get(slug=tier)) for pk in ids])
+    return ids
+
+
+def test_a_batch_for_1000_users_is_counted_with_one_redis_command(make_user, settings):
+    with run_redis() as (port, _process):
+        limits_redis(settings, port)
+        _key, raw = service_key_create(name="batches", scope=ServiceKey.Scope.CONSUME)
+        client = APIClient()
+        client.credentials(HTTP_AUTHORIZATION=f"Api-Key {raw}")
+        ids = bulk_users(1000, "pro")
+
+        def batch(run: str):
+            operations = [{"userId": uid, "operationId": f"{run}-{uid}", "tokens": 5, "operationType": "summary"}
+                          for uid in ids]
+            return client.post("/api/tokens/consume/batch", {"operations": operations}, format="json")
+
+        assert batch("warm").status_code == 201
+        answers = []
+        sent = client_commands(port, lambda: answers.append(batch("counted")))
+        assert sent == ["EVALSHA"]
+        assert answers[0].status_code == 201
+        assert answers[0]["X-RateLimit-Limit"] == "500" and answers[0]["X-RateLimit-Remaining"] == "498"
+        probe = redis.Redis(port=port)
+        # every user's own counter (a user whose window ended between the batches has two)
+        assert {int(k.split(b":")[3]) for k in probe.keys("rl:ct:user:*")} == set(ids)
+        probe.close()
+
+
+def direct_request(raw_key: str, path: str, body: dict | None = None) -> Request:
+    """A REST framework request, authenticated, as the throttle sees it in a view."""
+    factory = APIRequestFactory()
+    auth = {"HTTP_AUTHORIZATION": f"Api-Key {raw_key}"}
+    wsgi = factory.post(path, body, format="json", **auth) if body is not None else factory.get(path, **auth)
+    request = Request(wsgi, authenticators=[ServiceKeyAuthentication()], parsers=[JSONParser()])
+    assert request.user.key.name  # authenticated here, outside what the tests measure
+    return request
+
+
+def test_a_warm_request_issues_no_sql(service_key, make_user, django_assert_num_queries, settings):
+    settings.SERVICE_KEY_CACHE_SECONDS = 3600
+    user = make_user("pro")
+    path = f"/api/tokens/usage?userId={user.pk}"
+    first = direct_request(service_key, path)
+    with django_assert_num_queries(1):  # a user not seen yet: one lookup
+        assert TokenRateThrottle().allow_request(first, None)
+    request = direct_request(service_key, path)
+    with django_assert_num_queries(0):
+        assert TokenRateThrottle().allow_request(request, None)
+    assert request._request.ratelimit.limit == 500 and request._request.ratelimit.count == 2
+
+
+def test_a_warm_batch_for_1000_users_issues_no_sql(service_key, django_assert_num_queries, settings):
+    settings.SERVICE_KEY_CACHE_SECONDS = 3600
+    ids = bulk_users(1000, "enterprise")
+    body = {"operations": [{"userId": uid, "operationId": f"op-{uid}", "tokens": 5, "operationType": "summary"}
+                           for uid in ids]}
+    first = direct_request(service_key, "/api/tokens/consume/batch", body)
+    with django_assert_num_queries(1):  # one lookup for the 1,000
+        assert TokenRateThrottle().allow_request(first, None)
+    request = direct_request(service_key, "/api/tokens/consume/batch", body)
+    with django_assert_num_queries(0):
+        assert TokenRateThrottle().allow_request(request, None)
+    assert request._request.ratelimit.scope == "user" and request._request.ratelimit.limit == 1000
+    set_tier_rate("enterprise", 999)  # and the next batch reads the limits again, at once
+    request = direct_request(service_key, "/api/tokens/consume/batch", body)
+    with django_assert_num_queries(1):
+        assert TokenRateThrottle().allow_request(request, None)
+    assert request._request.ratelimit.limit == 999 and request._request.ratelimit.count == 3
+
+
+def test_without_redis_limits_count_in_local_memory(api, make_user, settings):
+    settings.CACHES = {**settings.CACHES, "ratelimit": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+                                                        "LOCATION": "ratelimit-test"}}
+    settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
+    set_tier_rate("basic", 2)
+    user = make_user("basic")
+    answers = [api.get(f"/api/tokens/usage?userId={user.pk}") for _ in range(3)]
+    assert [(r.status_code, r["X-RateLimit-Remaining"]) for r in answers] == [(200, "1"), (200, "0"), (429, "0")]
+    set_tier_rate("basic", 5)  # this process drops its cached limits itself
+    again = api.get(f"/api/tokens/usage?userId={user.pk}")
+    assert again.status_code == 200 and again["X-RateLimit-Limit"] == "5" and again["X-RateLimit-Remaining"] == "1"
+
+
+def test_a_tier_change_while_redis_is_down_still_saves_and_applies_here(api, make_user, settings, caplog):
+    user = make_user("basic")
+    assert api.get(f"/api/tokens/usage?userId={user.pk}")["X-RateLimit-Limit"] == "100"
+    real = settings.CACHES["ratelimit"]
+    settings.CACHES = {**settings.CACHES, "ratelimit": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        "OPTIONS": {"socket_connect_timeout": 0.25, "socket_timeout": 0.25}}}
+    with caplog.at_level(logging.WARNING, logger="consensus_tokens.ratelimit"):
+        set_tier_rate("basic", 7)
+    assert Tier.objects.get(slug="basic").requests_per_hour == 7
+    assert any("other workers keep their cached limits" in r.getMessage() for r in caplog.records)
+    settings.CACHES = {**settings.CACHES, "ratelimit": real}
+    assert api.get(f"/api/tokens/usage?userId={user.pk}")["X-RateLimit-Limit"] == "7"
 
 
 def test_a_malformed_body_still_answers_malformed_json(api):
@@ -279,3 +509,25 @@ def test_one_user_past_their_limit_cannot_use_up_the_service_keys_ceiling(make_u
     assert [r.status_code for r in answers] == [200, 200, 200, 200, 429]
     assert answers[-1].json()["error"]["scope"] == "service_key"
     assert answers[0]["X-RateLimit-Limit"] == "1" and answers[3]["X-RateLimit-Remaining"] == "0"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_another_worker_follows_a_tier_change_once_it_is_committed(make_user, service_key):
+    """A real second process, its limits cached for an hour: a change inside a
+    transaction bumps the version at once (the worker re-reads, and still finds the old
+    row) and again at commit (the worker re-reads the new one)."""
+    set_tier_rate("pro", 2)
+    user = make_user("pro")
+    with run_gunicorn(workers=1, threads=1, env={"RATELIMIT_TIER_CACHE_SECONDS": "3600"}) as server:
+        def limit() -> str:
+            response = requests.get(f"{server.url}/api/tokens/usage?userId={user.pk}",
+                                    headers={"Authorization": f"Api-Key {service_key}"}, timeout=30)
+            assert response.status_code == 200
+            return response.headers["X-RateLimit-Limit"]
+
+        assert limit() == "2"
+        with transaction.atomic():
+            set_tier_rate("pro", 10)
+            assert limit() == "2"  # not committed: the old row is all anyone else can read
+        assert limit() == "10"
+
