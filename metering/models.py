@@ -151,7 +151,8 @@ class UsagePeriod(models.Model):
     for open periods at once. A reset opens a new period; nothing is deleted.
     """
 
-    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="periods")
+    # period_unique_start leads with the account: no separate index to update.
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="periods", db_index=False)
     starts_at = models.DateTimeField()
     ends_at = models.DateTimeField()
     token_limit = models.PositiveIntegerField()
@@ -204,8 +205,12 @@ class LedgerEntry(models.Model):
     model = models.CharField(max_length=100, blank=True, default="")
     estimated_tokens = models.PositiveIntegerField(null=True, blank=True)
     actual_tokens = models.PositiveIntegerField(null=True, blank=True)
-    reservation = models.ForeignKey("Reservation", on_delete=models.PROTECT, null=True, blank=True, related_name="+")
-    service_key = models.ForeignKey(ServiceKey, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    # Most rows have no reservation: ledger_reservation holds only those that do. No
+    # query filters the ledger by service key (keys are revoked, never deleted): no index.
+    reservation = models.ForeignKey("Reservation", on_delete=models.PROTECT, null=True, blank=True, related_name="+",
+                                    db_index=False)
+    service_key = models.ForeignKey(ServiceKey, on_delete=models.PROTECT, null=True, blank=True, related_name="+",
+                                    db_index=False)
     actor = models.CharField(max_length=150, blank=True, default="", help_text="Staff member for grants and adjustments.")
     reason = models.TextField(blank=True, default="")
     # For consumptions: a hash of the request, to tell a replay from a conflicting reuse
@@ -225,6 +230,7 @@ class LedgerEntry(models.Model):
         indexes = [
             models.Index(fields=["account", "-created_at", "-id"], name="ledger_account_recent"),
             models.Index(fields=["period", "kind"], name="ledger_period_kind"),
+            models.Index(fields=["reservation"], condition=Q(reservation__isnull=False), name="ledger_reservation"),
         ]
         ordering = ["-created_at", "-id"]
         verbose_name_plural = "ledger entries"
@@ -280,7 +286,9 @@ class AuditLog(models.Model):
     result = models.CharField(max_length=60)
     client_ip = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=300, blank=True, default="")
-    service_key = models.ForeignKey(ServiceKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    # No query filters audit rows by service key (keys are revoked, never deleted): no index.
+    service_key = models.ForeignKey(ServiceKey, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+                                    db_index=False)
     actor = models.CharField(max_length=150, blank=True, default="")
     request_id = models.CharField(max_length=64, blank=True, default="")
     detail = models.JSONField(default=dict, blank=True)

@@ -2,12 +2,18 @@
 constant number of queries whatever the batch size."""
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from metering.models import AuditLog, LedgerEntry, UsagePeriod
-from metering.services import ledger_reconcile
+from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
+from metering.services import Usage, ledger_reconcile
+from metering.services.fast_batch import _PeriodFigures
+from metering.signals import usage_recorded
 
 from .conftest import consume_body, current_period
 
@@ -191,3 +197,99 @@ def test_one_user_large_batch_is_constant_too(api, make_user, either_path):
     _queries_for(api, [consume_body(user, "warm", 1)])
     assert _queries_for(api, items_for([user], 10, "s")) == _queries_for(api, items_for([user], 500, "l"))
     assert ledger_reconcile() == []
+
+
+# --- the set-based path (metering/services/fast_batch.py) ------------------------------------------
+
+@pytest.mark.parametrize("limit,cap,reserved,rate", [
+    (100_000, 120_000, 0, "0.000020"), (15_000, 15_000, 300, "0.000000"), (0, 0, 0, "0.000020"),
+    (0, 500, 0, "1.500000"), (3, 7, 2, "0.333333"),
+])
+def test_the_fast_paths_usage_figures_are_usage_as_api(limit, cap, reserved, rate):
+    """fast_batch builds each item's usage without a Usage per item; it must say exactly
+    what Usage.as_api says, at every point from empty to past the limit."""
+    start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
+    row = (1, 1, 0, reserved, limit, cap, Decimal(rate), start, end)
+    figures = _PeriodFigures("pro", row, {})
+    for used in sorted({0, 1, limit - 1, limit, limit + 1, cap - reserved, cap, cap + 5, 49_999, 50_000, 123_457}):
+        used = max(used, 0)
+        expected = Usage(tier="pro", limit=limit, used=used, reserved=reserved, cap=cap, overage_rate=Decimal(rate),
+                         period_start=start, period_end=end).as_api()
+        got = figures.as_api(used)
+        assert got == expected and list(got) == list(expected), used
+        assert json.dumps(got) == json.dumps(expected)
+
+
+def test_a_batch_of_recorded_items_is_answered_by_the_orm_path(api, users):
+    """The set-based path does not look for recorded operation ids first: the ledger's
+    unique index refuses them, nothing is kept, and the ORM path answers the replay."""
+    ops = items_for(users, 12, "again")
+    first = api.post(BATCH, {"operations": ops}, format="json")
+    assert first.status_code == 201
+    before, audits = snapshot(), AuditLog.objects.count()
+    again = api.post(BATCH, {"operations": ops}, format="json")
+    assert again.status_code == 200 and again["Content-Type"] == first["Content-Type"]
+    fresh, replayed = first.json(), again.json()
+    assert (replayed["recorded"], replayed["replayed"]) == (0, 12)
+    assert replayed["results"] == [{**r, "result": "replayed"} for r in fresh["results"]]
+    assert snapshot() == before
+    assert AuditLog.objects.count() == audits + 12  # one "replayed" row per item, nothing from the failed attempt
+    assert AuditLog.objects.filter(result="replayed", operation_id__startswith="again-").count() == 12
+
+
+def test_a_batch_answers_and_sends_usage_recorded_once_per_period_with_the_period_after(api, users):
+    seen = []
+
+    def receiver(sender, period, used_before, **kwargs):
+        seen.append((period.pk, period.account_id, period.used, used_before, period.token_limit, period.cap,
+                     period._state.adding))
+
+    usage_recorded.connect(receiver)
+    try:
+        ops = items_for(users, 7, "sig")
+        response = api.post(BATCH, {"operations": ops}, format="json")
+        assert response.status_code == 201
+        answer = response.json()
+    finally:
+        usage_recorded.disconnect(receiver)
+    expected = []
+    for user in users:
+        period = current_period(user)
+        last = [r for r in answer["results"] if r["userId"] == user.pk][-1]
+        assert last["usage"] == Usage(tier=user.token_account.tier.slug, limit=period.token_limit, used=period.used,
+                                      reserved=period.reserved, cap=period.cap, overage_rate=period.overage_rate,
+                                      period_start=period.starts_at, period_end=period.ends_at).as_api()
+        spent = sum(op["tokens"] for op in ops if op["userId"] == user.pk)
+        expected.append((period.pk, period.account_id, period.used, period.used - spent, period.token_limit,
+                         period.cap, False))
+    assert sorted(seen) == sorted(expected)
+
+
+def _plan(queryset) -> str:
+    sql, params = queryset.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        cursor.execute(f"EXPLAIN {sql}", params)
+        return "\n".join(row[0] for row in cursor.fetchall())
+
+
+def test_queries_that_used_the_dropped_indexes_still_find_an_index(api, users):
+    """0006 dropped the single-column indexes on period.account, ledger.service_key,
+    ledger.reservation and audit.service_key: the lookups that need one still have one."""
+    user = users[0]
+    assert api.post("/api/tokens/check", {"userId": user.pk, "tokens": 10, "reserve": True},
+                    format="json").status_code == 200
+    reservation = Reservation.objects.get(account__user=user)
+    period = current_period(user)
+    # a period by its account (account_for_user / period_current, and the cascade from Account)
+    assert "period_unique_start" in _plan(UsagePeriod.objects.filter(account_id=period.account_id)) or \
+        "period_account_recent" in _plan(UsagePeriod.objects.filter(account_id=period.account_id))
+    # ledger rows of a reservation (deleting one checks PROTECT this way): the partial index
+    assert "ledger_reservation" in _plan(LedgerEntry.objects.filter(reservation=reservation))
+    assert list(LedgerEntry.objects.filter(reservation=reservation).values_list("kind", flat=True)) == ["reservation"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT indexname FROM pg_indexes WHERE tablename IN "
+                       "('metering_ledgerentry', 'metering_auditlog', 'metering_usageperiod')")
+        names = {row[0] for row in cursor.fetchall()}
+    assert not any(name.endswith(("service_key_id_5461c9af", "service_key_id_ea348067", "reservation_id_3bd31ece",
+                                  "account_id_4b3194ec")) for name in names), names
