@@ -3,7 +3,6 @@ statements (array parameters, binary encoded), whatever its size. Same rules as
 the ORM path in batch.py, which answers whenever this returns None."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
@@ -48,17 +47,25 @@ RETURNING p.id, p.account_id, p.used, p.reserved, p.token_limit, p.cap, p.overag
 # refuses a recorded one here (IntegrityError, everything rolls back) and the ORM path
 # answers the replay or conflict. A probe before would cost every fresh batch as much as
 # the index's own check does.
+# Each row stores the usage right after it raw, as fast_consume.py does (a replay formats
+# it with usage.stored_body), from the period as this transaction's UPDATE left it: no
+# answer is built or encoded while the periods are locked.
 _BATCH_LEDGER = """
 INSERT INTO metering_ledgerentry
     (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
      estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
 SELECT x.account_id, x.period_id, 'consumption', x.tokens, 0, x.operation_id, x.operation_type, x.provider,
-       x.model, x.estimated_tokens, x.tokens, %(service_key_id)s, '', '', x.fingerprint, x.response::jsonb, %(now)s
+       x.model, x.estimated_tokens, x.tokens, %(service_key_id)s, '', '', x.fingerprint,
+       jsonb_build_object('recordedAt', %(now)s::timestamptz, 'usageAfter', jsonb_build_object(
+           'tier', NULLIF(x.tier, ''), 'limit', p.token_limit, 'used', x.used_after, 'reserved', p.reserved,
+           'cap', p.cap, 'overageRate', p.overage_rate::text, 'periodStart', p.starts_at, 'periodEnd', p.ends_at)),
+       %(now)s
 FROM unnest(%(account_ids)b::bigint[], %(period_ids)b::bigint[], %(tokens)b::bigint[], %(operation_ids)b::text[],
             %(operation_types)b::text[], %(providers)b::text[], %(models)b::text[], %(estimated)b::int[],
-            %(fingerprints)b::text[], %(responses)b::text[])
+            %(fingerprints)b::text[], %(used_after)b::bigint[], %(tiers)b::text[])
      AS x(account_id, period_id, tokens, operation_id, operation_type, provider, model, estimated_tokens,
-          fingerprint, response)
+          fingerprint, used_after, tier)
+JOIN metering_usageperiod p ON p.id = x.period_id
 RETURNING id, account_id, operation_id
 """
 
@@ -145,37 +152,44 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
                 after = {row[0]: row for row in cursor.fetchall()}
                 if len(after) != len(period_ids):
                     raise _NotFast  # a cap: the ORM path names the item
-                bodies, entry_ids = _batch_record(cursor, requests, columns, found, after, delta)
+                used_after, entry_ids = _batch_record(cursor, columns, found, after, delta)
         except _NotFast:
             return None
-    # after the commit: the periods' locks are held no longer than the statements need
-    results = []
-    for i, (r, account_id, body) in enumerate(zip(requests, columns["account_ids"], bodies)):
-        body["entryId"] = entry_ids[(account_id, r.operation_id)]
-        results.append(BatchItemResult(i, body, replayed=False))
-    return results
+    # the answers after the commit: the periods' locks are held no longer than the statements need
+    return _answers(requests, columns, found, after, used_after, entry_ids)
 
 
-def _batch_record(cursor, requests: list[ConsumeRequest], columns: dict, found, after,
-                  delta: dict[int, int]) -> tuple[list[dict[str, Any]], dict[tuple[int, str], int]]:
-    """Each item's answer, stored on its ledger row; the ledger rows' ids; usage_recorded per period."""
-    now = columns["now"]
-    recorded_at = _api_time(now)
+def _batch_record(cursor, columns: dict, found, after,
+                  delta: dict[int, int]) -> tuple[list[int], dict[tuple[int, str], int]]:
+    """The ledger rows (each item's period `used` right after it, and the rows' ids),
+    then usage_recorded per period, inside the transaction as the alerts need."""
+    running = {pk: row[2] - delta[pk] for pk, row in after.items()}
+    used_after = []
+    for period_id, tokens in zip(columns["period_ids"], columns["tokens"]):
+        used = running[period_id] = running[period_id] + tokens
+        used_after.append(used)
+    tiers = [found[user_id][1] or "" for user_id in columns["user_ids"]]
+    cursor.execute(_BATCH_LEDGER, {**columns, "used_after": used_after, "tiers": tiers}, prepare=True)
+    entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
+    for pk, row in after.items():
+        _notify_usage(_period_of(row, columns["now"]), row[2] - delta[pk])
+    return used_after, entry_ids
+
+
+def _answers(requests: list[ConsumeRequest], columns: dict, found, after, used_after: list[int],
+             entry_ids: dict[tuple[int, str], int]) -> list[BatchItemResult]:
+    """consume_response for each item, as a replay (usage.stored_body) will answer it."""
+    recorded_at = _api_time(columns["now"])
     tiers = {period_id: tier_slug for _, tier_slug, period_id in found.values()}
     shared: dict[Any, str] = {}  # periods mostly share their bounds and rate: format each once
     figures = {pk: _PeriodFigures(tiers[pk], row, shared) for pk, row in after.items()}
-    running = {pk: row[2] - delta[pk] for pk, row in after.items()}
-    bodies = []
-    for r, period_id in zip(requests, columns["period_ids"]):
-        used = running[period_id] + r.tokens
-        running[period_id] = used
-        bodies.append({"operationId": r.operation_id, "tokens": r.tokens, "recordedAt": recorded_at,
-                       "usage": figures[period_id].as_api(used)})
-    cursor.execute(_BATCH_LEDGER, {**columns, "responses": [json.dumps(b) for b in bodies]}, prepare=True)
-    entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
-    for pk, row in after.items():
-        _notify_usage(_period_of(row, now), row[2] - delta[pk])
-    return bodies, entry_ids
+    results = []
+    for i, (r, account_id, period_id, used) in enumerate(zip(requests, columns["account_ids"], columns["period_ids"],
+                                                             used_after)):
+        body = {"operationId": r.operation_id, "tokens": r.tokens, "recordedAt": recorded_at,
+                "usage": figures[period_id].as_api(used), "entryId": entry_ids[(account_id, r.operation_id)]}
+        results.append(BatchItemResult(i, body, replayed=False))
+    return results
 
 
 def _api_time(moment: datetime) -> str:
