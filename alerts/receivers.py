@@ -2,7 +2,7 @@
 nothing else; it runs inside the transaction that changed the usage."""
 from django.dispatch import receiver
 
-from metering.signals import usage_recorded
+from metering.signals import usage_recorded, usage_recorded_many
 
 from .services import alert_crossings_record
 
@@ -10,3 +10,9 @@ from .services import alert_crossings_record
 @receiver(usage_recorded, dispatch_uid="alerts.usage_recorded")
 def on_usage_recorded(sender, period, used_before, **kwargs):
     alert_crossings_record(period=period, used_before=used_before)
+
+
+@receiver(usage_recorded_many, dispatch_uid="alerts.usage_recorded_many")
+def on_usage_recorded_many(sender, changes, **kwargs):
+    for period, used_before in changes:
+        alert_crossings_record(period=period, used_before=used_before)

@@ -179,6 +179,12 @@ def _on_usage_recorded(sender, period, used_before, **kwargs) -> None:
         transaction.on_commit(lambda: tokens_consumed.inc(grown))
 
 
+def _on_usage_recorded_many(sender, changes, **kwargs) -> None:
+    grown = sum(period.used - used_before for period, used_before in changes)
+    if grown > 0:
+        transaction.on_commit(lambda: tokens_consumed.inc(grown))
+
+
 def _on_webhook_validated(sender, instance, valid, **kwargs) -> None:
     if not valid:
         webhooks.labels(result="invalid").inc()
@@ -195,7 +201,7 @@ def _on_webhook_error(sender, instance, **kwargs) -> None:
 def connect_receivers() -> None:
     from djstripe import signals as djstripe_signals
 
-    from metering.signals import usage_recorded
+    from metering.signals import usage_recorded, usage_recorded_many
 
     # Known label values start at 0, so a scrape shows them before the first event.
     for result in ("processed", "failed", "invalid"):
@@ -206,6 +212,7 @@ def connect_receivers() -> None:
         alerts_sent.labels(kind=kind)
 
     usage_recorded.connect(_on_usage_recorded, dispatch_uid="metrics.tokens_consumed")
+    usage_recorded_many.connect(_on_usage_recorded_many, dispatch_uid="metrics.tokens_consumed_many")
     djstripe_signals.webhook_post_validate.connect(_on_webhook_validated, dispatch_uid="metrics.webhook_valid")
     djstripe_signals.webhook_post_process.connect(_on_webhook_processed, dispatch_uid="metrics.webhook_processed")
     djstripe_signals.webhook_processing_error.connect(_on_webhook_error, dispatch_uid="metrics.webhook_error")

@@ -5,3 +5,8 @@ import django.dispatch
 
 # Sent when a period's `used` grew: kwargs period (UsagePeriod, after), used_before.
 usage_recorded = django.dispatch.Signal()
+
+# Sent once for a set-based change to many periods (a batch) instead of usage_recorded
+# per period: kwargs changes, a list of (period after, used_before). Whoever listens to
+# usage_recorded must listen here too.
+usage_recorded_many = django.dispatch.Signal()

@@ -18,7 +18,7 @@ from ..models import Account, AuditLog, LedgerEntry, OperationType, Provider, Us
 from .accounts import account_for_user, period_current
 from .audit import audit_row
 from .context import RequestContext
-from .usage import ConsumeRequest, _notify_usage, consume_response, stored_body, usage_of
+from .usage import ConsumeRequest, _notify_usages, consume_response, stored_body, usage_of
 
 MAX_BATCH = 1000
 
@@ -141,8 +141,7 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
         AuditLog.objects.bulk_create(audits + replay_audits)
         for (i, body), entry in zip(bodies, entries):
             results[i] = BatchItemResult(i, {**body, "entryId": entry.pk}, replayed=False)
-        for pk, d in delta.items():
-            _notify_usage(after[pk], after[pk].used - d)
+        _notify_usages([(after[pk], after[pk].used - d) for pk, d in delta.items()])
     return [results[i] for i in range(len(requests))]
 
 

@@ -16,7 +16,7 @@ from django.utils import timezone
 from ..models import UsagePeriod
 from .batch import MAX_BATCH, BatchItemResult
 from .context import RequestContext
-from .usage import ConsumeRequest, _notify_usage, format_usd, usage_status
+from .usage import ConsumeRequest, _notify_usages, format_usd, usage_status
 
 # One read: each user's account, tier and current period, and whether every
 # operation type and provider named is known and active (evaluated once, not per row).
@@ -162,7 +162,7 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
 def _batch_record(cursor, columns: dict, found, after,
                   delta: dict[int, int]) -> tuple[list[int], dict[tuple[int, str], int]]:
     """The ledger rows (each item's period `used` right after it, and the rows' ids),
-    then usage_recorded per period, inside the transaction as the alerts need."""
+    then usage_recorded_many for the periods, inside the transaction as the alerts need."""
     running = {pk: row[2] - delta[pk] for pk, row in after.items()}
     used_after = []
     for period_id, tokens in zip(columns["period_ids"], columns["tokens"]):
@@ -171,8 +171,7 @@ def _batch_record(cursor, columns: dict, found, after,
     tiers = [found[user_id][1] or "" for user_id in columns["user_ids"]]
     cursor.execute(_BATCH_LEDGER, {**columns, "used_after": used_after, "tiers": tiers}, prepare=True)
     entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
-    for pk, row in after.items():
-        _notify_usage(_period_of(row, columns["now"]), row[2] - delta[pk])
+    _notify_usages([(_period_of(row, columns["now"]), row[2] - delta[pk]) for pk, row in after.items()])
     return used_after, entry_ids
 
 

@@ -30,7 +30,7 @@ from consensus_tokens.errors import (
 )
 
 from ..models import Account, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
-from ..signals import usage_recorded
+from ..signals import usage_recorded, usage_recorded_many
 from .accounts import account_for_user, period_current
 from .audit import audit_record, known_user_id
 from .context import RequestContext
@@ -137,6 +137,12 @@ def provider_check(slug: str) -> None:
 
 def _notify_usage(period: UsagePeriod, used_before: int) -> None:
     usage_recorded.send(sender=UsagePeriod, period=period, used_before=used_before)
+
+
+def _notify_usages(changes: list[tuple[UsagePeriod, int]]) -> None:
+    """Many periods at once (a batch): one send, not one per period."""
+    if changes:
+        usage_recorded_many.send(sender=UsagePeriod, changes=changes)
 
 
 # --- check and reserve ---------------------------------------------------------------------------

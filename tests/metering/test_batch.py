@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
 from metering.services import Usage, ledger_reconcile
 from metering.services.fast_batch import _PeriodFigures
-from metering.signals import usage_recorded
+from metering.signals import usage_recorded, usage_recorded_many
 
 from .conftest import consume_body, current_period
 
@@ -249,22 +249,29 @@ def test_a_batch_of_recorded_items_is_answered_by_the_orm_path_byte_for_byte(api
     assert AuditLog.objects.filter(result="replayed", operation_id__startswith="again-").count() == 12
 
 
-def test_a_batch_answers_and_sends_usage_recorded_once_per_period_with_the_period_after(api, users):
-    seen = []
+def test_a_batch_answers_and_sends_usage_recorded_many_once_with_every_period_after(api, users):
+    seen, sends = [], []
 
-    def receiver(sender, period, used_before, **kwargs):
-        seen.append((period.pk, period.account_id, period.used, used_before, period.token_limit, period.cap,
-                     period._state.adding))
+    def receiver(sender, changes, **kwargs):
+        sends.append(len(changes))
+        seen.extend((period.pk, period.account_id, period.used, used_before, period.token_limit, period.cap,
+                     period._state.adding) for period, used_before in changes)
+
+    def single(sender, **kwargs):
+        raise AssertionError("a batch announces its periods together")
 
     open_periods(api, users)
-    usage_recorded.connect(receiver)
+    usage_recorded_many.connect(receiver)
+    usage_recorded.connect(single)
     try:
         ops = items_for(users, 7, "sig")
         response = api.post(BATCH, {"operations": ops}, format="json")
         assert response.status_code == 201
         answer = response.json()
     finally:
-        usage_recorded.disconnect(receiver)
+        usage_recorded_many.disconnect(receiver)
+        usage_recorded.disconnect(single)
+    assert sends == [len(users)]
     assert all("usageAfter" in r for r in stored_responses("sig-"))
     expected = []
     for user in users:
