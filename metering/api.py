@@ -229,7 +229,8 @@ class ConsumeInput(serializers.Serializer):
     estimatedTokens = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0,
                                          max_value=settings.MAX_TOKENS_PER_REQUEST)
 
-    def to_request(self, data: dict[str, Any]) -> ConsumeRequest:
+    @staticmethod
+    def to_request(data: dict[str, Any]) -> ConsumeRequest:
         return ConsumeRequest(user_id=data["userId"], operation_id=data["operationId"], tokens=data["tokens"],
                               operation_type=data["operationType"], provider=data["provider"], model=data["model"],
                               reservation_id=str(data["reservationId"]) if data["reservationId"] else "",
@@ -264,7 +265,7 @@ class ConsumeApi(JsonApi):
                                                     409: ErrorOutput, **ERRORS})
     def post(self, request: Request) -> Response:
         data = _consume_plain(request.data) or _valid(ConsumeInput, request)
-        consume = ConsumeInput().to_request(data)
+        consume = ConsumeInput.to_request(data)
         ctx = request_context(request)
         try:
             result = services.usage_consume(request=consume, ctx=ctx)
@@ -299,7 +300,7 @@ class BatchConsumeApi(JsonApi):
             data = _consume_batch_plain(request.data) or _valid(self.InputSerializer, request)
         except serializers.ValidationError as error:
             raise _naming_the_item(error) from None
-        to_request = ConsumeInput().to_request
+        to_request = ConsumeInput.to_request
         requests = [to_request(item) for item in data["operations"]]
         ctx = request_context(request)
         try:

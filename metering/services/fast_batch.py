@@ -10,13 +10,11 @@ from typing import Any
 
 import psycopg
 from django.db import connection, transaction
-from django.db.models.base import ModelState
 from django.utils import timezone
 
-from ..models import UsagePeriod
 from .batch import MAX_BATCH, BatchItemResult
 from .context import RequestContext
-from .usage import ConsumeRequest, _notify_usages, format_usd, usage_status
+from .usage import ConsumeRequest, _notify_usages, format_usd, period_after_update, usage_status
 
 # One read: each user's account, tier and current period, and whether every
 # operation type and provider named is known and active (evaluated once, not per row).
@@ -171,7 +169,7 @@ def _batch_record(cursor, columns: dict, found, after,
     tiers = [found[user_id][1] or "" for user_id in columns["user_ids"]]
     cursor.execute(_BATCH_LEDGER, {**columns, "used_after": used_after, "tiers": tiers}, prepare=True)
     entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
-    _notify_usages([(_period_of(row, columns["now"]), row[2] - delta[pk]) for pk, row in after.items()])
+    _notify_usages([(period_after_update(row, columns["now"]), row[2] - delta[pk]) for pk, row in after.items()])
     return used_after, entry_ids
 
 
@@ -235,22 +233,3 @@ class _PeriodFigures:
             "periodStart": self.start,
             "periodEnd": self.end,
         }
-
-
-_PERIOD_FIELDS = {"id", "account_id", "starts_at", "ends_at", "token_limit", "cap", "overage_rate", "used",
-                  "reserved", "closed_at", "updated_at"}
-# _period_of fills every column; a field added to UsagePeriod must be added there too.
-assert {f.attname for f in UsagePeriod._meta.concrete_fields} == _PERIOD_FIELDS, "update _period_of"
-
-
-def _period_of(row: tuple, now: datetime) -> UsagePeriod:
-    """The period as the UPDATE left it, for usage_recorded's receivers: built as
-    Model.from_db would, without __init__'s per-field work (1,000 periods a batch)."""
-    pk, account_id, used, reserved, limit, cap, rate, starts_at, ends_at = row
-    period = UsagePeriod.__new__(UsagePeriod)
-    state = period._state = ModelState()
-    state.adding, state.db = False, connection.alias
-    period.__dict__.update(id=pk, account_id=account_id, starts_at=starts_at, ends_at=ends_at, token_limit=limit,
-                           cap=cap, overage_rate=rate, used=used, reserved=reserved, closed_at=None,
-                           updated_at=now)
-    return period

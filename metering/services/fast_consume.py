@@ -31,9 +31,8 @@ from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from ..models import UsagePeriod
 from .context import RequestContext
-from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response
+from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response, period_after_update
 
 _CONSUME = """
 WITH upd AS (
@@ -107,9 +106,7 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
                   overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
     # Committed already (or with the caller's transaction); no threshold was crossed, so
     # the receivers only count (metrics) - alerts find nothing to record.
-    period = UsagePeriod(pk=period_id, account_id=account_id, used=used, reserved=reserved,
-                         token_limit=limit, cap=cap, overage_rate=rate, starts_at=starts_at, ends_at=ends_at)
-    _notify_usage(period, used - request.tokens)
+    _notify_usage(period_after_update(row[:9], now), used - request.tokens)
     body = consume_response(request=request, usage=usage, recorded_at=now)
     return ConsumeResult({**body, "entryId": entry_id}, replayed=False)
 
