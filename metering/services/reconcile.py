@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.db.models.functions import Coalesce
 
-from ..models import UsagePeriod
+from ..models import LedgerEntry, UsagePeriod
 
 
 @dataclass(frozen=True)
@@ -26,3 +26,11 @@ def ledger_reconcile(*, periods=None) -> list[Drift]:
         ledger_reserved=Coalesce(Sum("ledger__reserved_delta"), 0),
     ).values_list("pk", "account__user_id", "used", "ledger_used", "reserved", "ledger_reserved")
     return [Drift(*row) for row in qs.iterator(chunk_size=2000) if row[2] != row[3] or row[4] != row[5]]
+
+
+def ledger_misattributed() -> list[int]:
+    """Ledger rows whose account is not their period's account (ids, at most 100).
+    PostgreSQL checks the ledger's period but not its account (models.py says why):
+    this is the check that stands in for that constraint."""
+    return list(LedgerEntry.objects.exclude(account_id=F("period__account_id"))
+                .order_by("id").values_list("id", flat=True)[:100])

@@ -84,6 +84,33 @@ def test_reconcile_reports_drift_in_process(make_user, api):
         run("reconcile")
 
 
+@pytest.mark.django_db
+def test_reconcile_finds_a_ledger_row_naming_another_account(make_user, api):
+    """The ledger's account is not a database-checked foreign key (models.py): reconcile checks it."""
+    from metering.models import LedgerEntry
+
+    user, other = make_user(), make_user()
+    api.post("/api/tokens/consume", consume_body(user, "x", 100), format="json")
+    api.post("/api/tokens/consume", consume_body(other, "y", 100), format="json")
+    assert "OK" in run("reconcile")
+    entry = LedgerEntry.objects.get(account__user=user, operation_id="x")
+    LedgerEntry.objects.filter(pk=entry.pk).update(account=other.token_account)
+    with pytest.raises(CommandError, match="1 ledger row"):
+        run("reconcile")
+
+
+@pytest.mark.django_db
+def test_deleting_a_user_keeps_their_audit_rows_without_the_user(make_user, api, django_user_model):
+    from metering.models import AuditLog
+
+    user = make_user()
+    api.post("/api/tokens/estimate", {"userId": user.pk, "operationType": "summary", "topic": "t"}, format="json")
+    rows = list(AuditLog.objects.filter(user=user).values_list("pk", flat=True))
+    assert rows
+    django_user_model.objects.filter(pk=user.pk).delete()  # through Django: on_delete applies
+    assert set(AuditLog.objects.filter(pk__in=rows).values_list("user_id", flat=True)) == {None}
+
+
 def _manage(*args: str) -> subprocess.CompletedProcess:
     db = connection.settings_dict  # the server the tests use (scripts/test.sh may have started it on any port)
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.test",

@@ -1,16 +1,20 @@
 from django.core.management.base import BaseCommand, CommandError
 
-from metering.services import ledger_reconcile
+from metering.services import ledger_misattributed, ledger_reconcile
 
 
 class Command(BaseCommand):
-    help = "Prove every period's counters equal the sum of its ledger; report any drift."
+    help = "Prove every period's counters equal the sum of its ledger and each row names its period's account."
 
     def handle(self, *args, **options):
         drifts = ledger_reconcile()
         for d in drifts:
             self.stdout.write(f"DRIFT period={d.period_id} user={d.user_id} used={d.used} ledger={d.ledger_used} "
                               f"reserved={d.reserved} ledger_reserved={d.ledger_reserved}")
-        if drifts:
-            raise CommandError(f"{len(drifts)} period(s) drift from the ledger.")
-        self.stdout.write("OK: every period's counters equal its ledger.")
+        misattributed = ledger_misattributed()
+        if misattributed:
+            self.stdout.write(f"MISATTRIBUTED ledger rows (account is not the period's): {misattributed}")
+        if drifts or misattributed:
+            raise CommandError(f"{len(drifts)} period(s) drift from the ledger; "
+                               f"{len(misattributed)} ledger row(s) name another account than their period's.")
+        self.stdout.write("OK: every period's counters equal its ledger, and every ledger row its period's account.")
