@@ -17,7 +17,10 @@ _usernames = itertools.count(1)
 
 @pytest.fixture(autouse=True)
 def _clear_cache():
+    from metering.services.estimates import rules_cache_clear
+
     cache.clear()
+    rules_cache_clear()  # per-process rules may hold rows a previous test rolled back
     yield
 
 

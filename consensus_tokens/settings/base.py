@@ -87,7 +87,7 @@ REDIS_URL = env("REDIS_URL", default="")
 if REDIS_URL:
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "consensus_tokens.cache.RedisCache",
             "LOCATION": REDIS_URL,
             "TIMEOUT": 3600,
             # The cache is an optimisation: a Redis that hangs must not hang requests.
@@ -95,7 +95,7 @@ if REDIS_URL:
         },
         # Rate limit counters: short timeouts, so an unreachable Redis fails open quickly.
         "ratelimit": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "BACKEND": "consensus_tokens.cache.RedisCache",
             "LOCATION": env("RATELIMIT_REDIS_URL", default=REDIS_URL),
             "OPTIONS": {"socket_connect_timeout": 0.25, "socket_timeout": 0.25},
         },
@@ -190,6 +190,9 @@ MAX_TOKENS_PER_REQUEST = env.int("MAX_TOKENS_PER_REQUEST", default=1_000_000)
 SERVICE_KEY_CACHE_SECONDS = env.float("SERVICE_KEY_CACHE_SECONDS", default=5)
 RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=15 * 60)
 ESTIMATE_CACHE_SECONDS = env.int("ESTIMATE_CACHE_SECONDS", default=3600)
+# How long a worker keeps an operation type's and provider's estimation rules (a staff
+# change applies in that worker at once, in the others within this).
+ESTIMATE_RULES_CACHE_SECONDS = env.float("ESTIMATE_RULES_CACHE_SECONDS", default=5)
 DEFAULT_TIER = env("DEFAULT_TIER", default="basic")
 # Where tiktoken keeps its encoding files; seeded from the installed bpe-openai package
 # so estimation works offline, while a real deployment can still download.

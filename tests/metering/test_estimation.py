@@ -94,6 +94,25 @@ def test_base_cost_per_operation_type(api, make_user, operation_type, base):
     assert full["breakdown"]["base"] == base and full["tokens"] == base + full["breakdown"]["content"]
 
 
+@pytest.mark.django_db
+def test_a_staff_change_to_an_operation_type_applies_to_the_next_estimate(api, make_user, settings):
+    """Workers keep estimation rules a few seconds; a change saved in this process applies at once."""
+    from metering.models import OperationType
+
+    settings.ESTIMATE_RULES_CACHE_SECONDS = 3600
+    user = make_user()
+    body = estimate_body(user, operationType="summary", topic="", sources=[])
+    assert api.post("/api/tokens/estimate", body, format="json").json()["tokens"] == 100
+    summary = OperationType.objects.get(slug="summary")
+    summary.base_tokens = 150
+    summary.save()
+    assert api.post("/api/tokens/estimate", body, format="json").json()["tokens"] == 150
+    summary.active = False
+    summary.save()
+    refused = api.post("/api/tokens/estimate", body, format="json")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "unknown_operation_type"
+
+
 @pytest.mark.parametrize("text,dominant", [
     (ENGLISH * 5, "chars"),
     ("a " * 1000, "words"),
