@@ -13,25 +13,22 @@ else - unknown user or operation type, no open period, a replay, the cap, a
 crossing - returns None having changed nothing, and the ORM path, which tells
 those cases apart and records threshold alerts in its transaction, answers.
 
-It runs as a server-side prepared statement on a plain psycopg cursor over
-Django's connection (PostgreSQL plans it once per connection). Outside a
-transaction no BEGIN/COMMIT round trips are needed, and no health-check query
-either: if a reused connection turns out to be broken the statement is retried
-once on a new one, which is safe because it is idempotent per operation id (if
-the first attempt did commit, the retry finds its ledger row and the ORM path
-answers with the replay).
+It runs through prepared.fetch_one_prepared: a server-side prepared statement,
+no BEGIN/COMMIT round trips outside a transaction and no health-check query; a
+dropped connection is reopened and the statement run again, which is safe
+because it is idempotent per operation id (if the first attempt did commit, the
+retry finds its ledger row and the ORM path answers with the replay).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from decimal import Decimal
 
-import psycopg
 from django.conf import settings
-from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
+from django.db import IntegrityError
 from django.utils import timezone
 
 from .context import RequestContext
+from .prepared import fetch_one_prepared
 from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response, period_after_update
 
 _CONSUME = """
@@ -96,7 +93,7 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
         "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": list(settings.ALERT_THRESHOLDS),
     }
     try:
-        row = _execute(params)
+        row = fetch_one_prepared(_CONSUME, params)
     except IntegrityError:
         return None  # the same operation id committed concurrently: the ORM path replays it
     if row is None:
@@ -109,26 +106,3 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
     _notify_usage(period_after_update(row[:9], now), used - request.tokens)
     body = consume_response(request=request, usage=usage, recorded_at=now)
     return ConsumeResult({**body, "entryId": entry_id}, replayed=False)
-
-
-def _execute(params: dict) -> tuple | None:
-    for attempt in (1, 2):
-        reused = connection.connection is not None
-        try:
-            connection.ensure_connection()
-            # In the caller's transaction, a savepoint, so a unique violation leaves it usable.
-            scope = transaction.atomic() if connection.in_atomic_block else nullcontext()
-            # wrap_database_errors: psycopg's errors become Django's, and a broken
-            # connection is noticed and closed at the end of the request.
-            with scope, connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
-                cursor.execute(_CONSUME, params, prepare=True)
-                row = cursor.fetchone()
-            connection.health_check_done = True  # it just answered: Django need not ask again
-            return row
-        except (OperationalError, InterfaceError):
-            # A persistent connection the server dropped (restart, idle timeout): what
-            # CONN_HEALTH_CHECKS would have caught with a query of its own before this one.
-            if attempt == 2 or not reused or connection.in_atomic_block:
-                raise
-            connection.close()
-    return None

@@ -35,6 +35,7 @@ from ..signals import usage_recorded, usage_recorded_many
 from .accounts import account_for_user, period_current
 from .audit import audit_record, known_user_id
 from .context import RequestContext
+from .prepared import fetch_one_prepared
 
 
 def usage_status(percentage: float) -> str:
@@ -118,7 +119,26 @@ def usage_of(period: UsagePeriod, tier_slug: str | None) -> Usage:
                  overage_rate=Decimal(period.overage_rate), period_start=period.starts_at, period_end=period.ends_at)
 
 
+_USAGE = """
+SELECT t.slug, p.token_limit, p.used, p.reserved, p.cap, p.overage_rate, p.starts_at, p.ends_at
+FROM metering_account a
+LEFT JOIN metering_tier t ON t.id = a.tier_id
+JOIN LATERAL (SELECT * FROM metering_usageperiod cur
+              WHERE cur.account_id = a.id AND cur.starts_at <= %(now)s AND cur.ends_at > %(now)s
+              ORDER BY cur.starts_at DESC LIMIT 1) p ON true
+WHERE a.user_id = %(user_id)s
+"""
+
+
 def usage_get(*, user_id: int) -> Usage:
+    if settings.METERING_FAST_PATH and connection.vendor == "postgresql":
+        # One prepared read when the account and its current period exist (nearly
+        # always); otherwise the path below creates them, or says the user is unknown.
+        row = fetch_one_prepared(_USAGE, {"user_id": user_id, "now": timezone.now()})
+        if row is not None:
+            tier, limit, used, reserved, cap, rate, starts_at, ends_at = row
+            return Usage(tier=tier, limit=limit, used=used, reserved=reserved, cap=cap,
+                         overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
     account = account_for_user(user_id=user_id)
     period = period_current(account=account)
     return usage_of(period, account.tier.slug if account.tier else None)

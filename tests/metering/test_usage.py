@@ -107,3 +107,41 @@ def test_check_reports_overage_and_availability(api, make_user):
     assert check == {"sufficient": True, "available": 5_500, "overage": 1_500, "cap": 15_000}
     check = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 5_501}, format="json").json()
     assert check["sufficient"] is False and check["available"] == 5_500
+
+
+@pytest.mark.parametrize("setup", ["plain", "in-overage", "no-tier", "no-account", "period-ended"])
+def test_the_one_query_read_and_the_orm_path_answer_alike(api, make_user, settings, setup):
+    """GET usage reads account, tier and current period in one prepared statement when they
+    exist; the ORM path (which creates what is missing) must answer the same."""
+    from contextlib import nullcontext
+    from datetime import timedelta
+
+    import time_machine
+
+    from django.utils import timezone
+
+    from metering.models import Account
+
+    user = make_user(None if setup == "no-tier" else "pro")
+    if setup == "no-account":
+        Account.objects.filter(user=user).delete()
+    if setup == "in-overage":
+        usage_adjust(account=account_for_user(user_id=user.pk), tokens=61_234, actor="test", reason="overage")
+    answers = []
+    later = timezone.now() + timedelta(days=40) if setup == "period-ended" else None
+    for fast in (True, False):
+        settings.METERING_FAST_PATH = fast
+        with time_machine.travel(later, tick=False) if later else nullcontext():
+            response = api.get(f"/api/tokens/usage?userId={user.pk}")
+        assert response.status_code == 200, response.content
+        answers.append(response.json())
+    assert answers[0] == answers[1]
+    if setup == "in-overage":
+        assert answers[0]["overage"] == {"tokens": 11_234, "charge": "11.234"}
+
+
+def test_an_unknown_user_is_404_on_the_one_query_read(api, settings):
+    settings.METERING_FAST_PATH = True
+    response = api.get("/api/tokens/usage?userId=987654321")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_user"
+
