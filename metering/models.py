@@ -193,14 +193,17 @@ class LedgerEntry(models.Model):
 
     # No single-column indexes: ledger_account_recent and ledger_period_kind lead with
     # these columns, and every index is one more write on the consume path.
-    # Foreign keys checked by PostgreSQL on every row cost a lookup and a row lock each (a
-    # third of a 1,000-item batch's database time, bench/README.md), so only `period` keeps
-    # one: `account` is the period's own account (every writer copies it from the period row;
-    # `manage.py reconcile` checks), and service keys are revoked, never deleted. Django still
-    # applies on_delete to all of them.
+    # Foreign keys checked by PostgreSQL on every row cost a lookup and a row lock each (the
+    # period's alone was 30% of a 1,000-row ledger insert, made while the batch holds its
+    # periods' locks; bench/README.md), so none of these is: every writer takes `period` from
+    # the period row it has just locked and updated in the same transaction, and `account`
+    # from that row too; `manage.py reconcile` reports a row whose period is missing or
+    # belongs to another account. Periods are history, never deleted, and service keys are
+    # revoked, never deleted. Django still applies on_delete (PROTECT) to all of them.
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="ledger", db_index=False,
                                 db_constraint=False)
-    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="ledger", db_index=False)
+    period = models.ForeignKey(UsagePeriod, on_delete=models.PROTECT, related_name="ledger", db_index=False,
+                               db_constraint=False)
     kind = models.CharField(max_length=20, choices=Kind.choices)
     # Change to period.used and period.reserved made by this row.
     used_delta = models.BigIntegerField(default=0)

@@ -3,6 +3,7 @@ statements (array parameters, binary encoded), whatever its size. Same rules as
 the ORM path in batch.py, which answers whenever this returns None."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +23,7 @@ _BATCH_LOOKUP = """
 SELECT u.user_id, a.id, t.slug, per.id,
        (SELECT count(*) FROM metering_operationtype WHERE active AND slug = ANY(%(op_types)b::text[])),
        (SELECT count(*) FROM metering_provider WHERE active AND slug = ANY(%(providers)b::text[]))
-FROM unnest(%(user_ids)b::bigint[]) AS u(user_id)
+FROM unnest(%(user_ids)s::bigint[]) AS u(user_id)
 JOIN metering_account a ON a.user_id = u.user_id
 LEFT JOIN metering_tier t ON t.id = a.tier_id
 LEFT JOIN LATERAL (
@@ -32,50 +33,53 @@ LEFT JOIN LATERAL (
 ) per ON true
 """
 
-_BATCH_LOCK = "SELECT id FROM metering_usageperiod WHERE id = ANY(%(ids)b::bigint[]) ORDER BY id FOR UPDATE"
+_BATCH_LOCK = "SELECT id FROM metering_usageperiod WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE"
 
 _BATCH_UPDATE = """
 UPDATE metering_usageperiod p SET used = p.used + d.delta, updated_at = %(now)s
-FROM unnest(%(ids)b::bigint[], %(deltas)b::bigint[]) AS d(id, delta)
+FROM unnest(%(ids)s::bigint[], %(deltas)s::bigint[]) AS d(id, delta)
 WHERE p.id = d.id AND p.used + p.reserved + d.delta <= p.cap
 RETURNING p.id, p.account_id, p.used, p.reserved, p.token_limit, p.cap, p.overage_rate, p.starts_at, p.ends_at
 """
+
+# The items travel as one JSON parameter (json.dumps is C; psycopg dumps a Python list
+# element by element in Python, which for a dozen 1,000-element arrays cost more than
+# all the SQL around them), unpacked by json_to_recordset. Short keys keep it small.
+_ITEMS = """json_to_recordset(%(items)s::json) AS x(i int, u bigint, a bigint, p bigint, t bigint, o text, ot text,
+                                                   pv text, m text, e int, f text, tr text)"""
 
 # No check beforehand that the operation ids are new: ledger_one_consumption_per_operation
 # refuses a recorded one here (IntegrityError, everything rolls back) and the ORM path
 # answers the replay or conflict. A probe before would cost every fresh batch as much as
 # the index's own check does.
 # Each row stores the usage right after it raw, as fast_consume.py does (a replay formats
-# it with usage.stored_body), from the period as this transaction's UPDATE left it: no
-# answer is built or encoded while the periods are locked.
-_BATCH_LEDGER = """
+# it with usage.stored_body): the period as this transaction's UPDATE left it, less this
+# batch's later items for that period (running sums in item order, worked out here, so
+# nothing runs in Python between the UPDATE and this statement while the periods are locked).
+_BATCH_LEDGER = f"""
 INSERT INTO metering_ledgerentry
     (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
      estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
-SELECT x.account_id, x.period_id, 'consumption', x.tokens, 0, x.operation_id, x.operation_type, x.provider,
-       x.model, x.estimated_tokens, x.tokens, %(service_key_id)s, '', '', x.fingerprint,
+SELECT x.a, x.p, 'consumption', x.t, 0, x.o, x.ot, x.pv, x.m, x.e, x.t, %(service_key_id)s, '', '', x.f,
        jsonb_build_object('recordedAt', %(now)s::timestamptz, 'usageAfter', jsonb_build_object(
-           'tier', NULLIF(x.tier, ''), 'limit', p.token_limit, 'used', x.used_after, 'reserved', p.reserved,
-           'cap', p.cap, 'overageRate', p.overage_rate::text, 'periodStart', p.starts_at, 'periodEnd', p.ends_at)),
+           'tier', NULLIF(x.tr, ''), 'limit', p.token_limit, 'used', p.used - x.total + x.running,
+           'reserved', p.reserved, 'cap', p.cap, 'overageRate', p.overage_rate::text,
+           'periodStart', p.starts_at, 'periodEnd', p.ends_at)),
        %(now)s
-FROM unnest(%(account_ids)b::bigint[], %(period_ids)b::bigint[], %(tokens)b::bigint[], %(operation_ids)b::text[],
-            %(operation_types)b::text[], %(providers)b::text[], %(models)b::text[], %(estimated)b::int[],
-            %(fingerprints)b::text[], %(used_after)b::bigint[], %(tiers)b::text[])
-     AS x(account_id, period_id, tokens, operation_id, operation_type, provider, model, estimated_tokens,
-          fingerprint, used_after, tier)
-JOIN metering_usageperiod p ON p.id = x.period_id
+FROM (SELECT x.*, sum(x.t) OVER (PARTITION BY x.p ORDER BY x.i) AS running, sum(x.t) OVER (PARTITION BY x.p) AS total
+      FROM {_ITEMS}) x
+JOIN metering_usageperiod p ON p.id = x.p
 RETURNING id, account_id, operation_id
 """
 
 # Audit rows need nothing from the locked periods, so they go in before the locks are taken.
-_BATCH_AUDIT = """
+_BATCH_AUDIT = f"""
 INSERT INTO metering_auditlog
     (user_id, action, tokens, operation_type, operation_id, result, client_ip, user_agent, service_key_id,
      actor, request_id, detail, created_at)
-SELECT x.user_id, 'consume', x.tokens, x.operation_type, x.operation_id, 'recorded', %(client_ip)s,
-       %(user_agent)s, %(service_key_id)s, %(actor)s, %(request_id)s, '{"batch": true}', %(now)s
-FROM unnest(%(user_ids)b::bigint[], %(tokens)b::bigint[], %(operation_types)b::text[], %(operation_ids)b::text[])
-     AS x(user_id, tokens, operation_type, operation_id)
+SELECT x.u, 'consume', x.t, x.ot, x.o, 'recorded', %(client_ip)s,
+       %(user_agent)s, %(service_key_id)s, %(actor)s, %(request_id)s, '{{"batch": true}}', %(now)s
+FROM {_ITEMS}
 """
 
 
@@ -105,84 +109,71 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
         user_ids = sorted({r.user_id for r in requests})
         op_types = sorted({r.operation_type for r in requests})
         providers = sorted({r.provider for r in requests if r.provider})
-        cursor.execute(_BATCH_LOOKUP, {"user_ids": user_ids, "now": now, "op_types": op_types,
+        cursor.execute(_BATCH_LOOKUP, {"user_ids": _int_array(user_ids), "now": now, "op_types": op_types,
                                        "providers": providers}, prepare=True)
         rows = cursor.fetchall()
         if (len(rows) != len(user_ids) or rows[0][4] != len(op_types) or rows[0][5] != len(providers)
                 or any(row[3] is None for row in rows)):
             return None
         found = {user_id: (account_id, tier_slug, period_id) for user_id, account_id, tier_slug, period_id, _, _ in rows}
-        columns = {
-            "account_ids": [found[r.user_id][0] for r in requests],
-            "period_ids": [found[r.user_id][2] for r in requests],
-            "tokens": [r.tokens for r in requests],
-            "operation_ids": [r.operation_id for r in requests],
-            "operation_types": [r.operation_type for r in requests],
-            "providers": [r.provider for r in requests],
-            "models": [r.model for r in requests],
-            "estimated": [r.estimated_tokens for r in requests],
-            "fingerprints": [r.fingerprint() for r in requests],
-            "user_ids": [r.user_id for r in requests],
-            "service_key_id": ctx.service_key_id, "now": now, "client_ip": ctx.client_ip,
-            "user_agent": (ctx.user_agent or "")[:300], "actor": ctx.actor, "request_id": ctx.request_id,
-        }
+        period_ids = [found[r.user_id][2] for r in requests]
+        items = json.dumps([
+            {"i": i, "u": r.user_id, "a": account_id, "p": period_id, "t": r.tokens, "o": r.operation_id,
+             "ot": r.operation_type, "pv": r.provider, "m": r.model, "e": r.estimated_tokens, "f": r.fingerprint(),
+             "tr": tier_slug or ""}
+            for i, (r, (account_id, tier_slug, period_id)) in enumerate(zip(requests, (found[r.user_id] for r in requests)))
+        ], separators=(",", ":"))
+        common = {"items": items, "service_key_id": ctx.service_key_id, "now": now, "client_ip": ctx.client_ip,
+                  "user_agent": (ctx.user_agent or "")[:300], "actor": ctx.actor, "request_id": ctx.request_id}
         delta: dict[int, int] = defaultdict(int)
-        for period_id, tokens in zip(columns["period_ids"], columns["tokens"]):
-            delta[period_id] += tokens
-        period_ids = sorted(delta)
-        # Foreign keys are checked at commit (Django makes them deferred), which is
-        # inside the window where the periods are locked; checked as each statement
-        # ends instead, the audit rows' checks happen before the locks. Only in a
-        # transaction of our own: in an outer one this would change its checks too.
-        check_now = not connection.in_atomic_block
+        for period_id, r in zip(period_ids, requests):
+            delta[period_id] += r.tokens
+        locked = sorted(delta)
+        update = {"ids": _int_array(locked), "deltas": _int_array(delta[p] for p in locked), "now": now}
+        # No foreign key on the rows written here is checked by PostgreSQL (models.py), so
+        # nothing is left to check at commit, while the periods are locked.
         try:
             with transaction.atomic():
-                if check_now:
-                    cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
-                cursor.execute(_BATCH_AUDIT, columns, prepare=True)
+                cursor.execute(_BATCH_AUDIT, common, prepare=True)
                 # Lock in id order, so concurrent batches cannot deadlock; the UPDATE
                 # skips any period the batch would take past its cap. From here to the
-                # commit other writers to these users wait: keep it short.
-                cursor.execute(_BATCH_LOCK, {"ids": period_ids}, prepare=True)
-                cursor.execute(_BATCH_UPDATE, {"ids": period_ids, "deltas": [delta[p] for p in period_ids],
-                                               "now": now}, prepare=True, binary=True)
+                # commit other writers to these users wait: keep it short (every
+                # parameter is encoded already).
+                cursor.execute(_BATCH_LOCK, update, prepare=True)
+                cursor.execute(_BATCH_UPDATE, update, prepare=True, binary=True)
                 # binary results: psycopg's C loaders for the 2,000 timestamps and 1,000 rates
                 after = {row[0]: row for row in cursor.fetchall()}
-                if len(after) != len(period_ids):
+                if len(after) != len(locked):
                     raise _NotFast  # a cap: the ORM path names the item
-                used_after, entry_ids = _batch_record(cursor, columns, found, after, delta)
+                cursor.execute(_BATCH_LEDGER, common, prepare=True)
+                entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
+                # the alerts record what this batch crossed in its transaction
+                _notify_usages([(period_after_update(row, now), row[2] - delta[pk]) for pk, row in after.items()])
         except _NotFast:
             return None
     # the answers after the commit: the periods' locks are held no longer than the statements need
-    return _answers(requests, columns, found, after, used_after, entry_ids)
+    return _answers(requests, now, found, period_ids, after, delta, entry_ids)
 
 
-def _batch_record(cursor, columns: dict, found, after,
-                  delta: dict[int, int]) -> tuple[list[int], dict[tuple[int, str], int]]:
-    """The ledger rows (each item's period `used` right after it, and the rows' ids),
-    then usage_recorded_many for the periods, inside the transaction as the alerts need."""
-    running = {pk: row[2] - delta[pk] for pk, row in after.items()}
-    used_after = []
-    for period_id, tokens in zip(columns["period_ids"], columns["tokens"]):
-        used = running[period_id] = running[period_id] + tokens
-        used_after.append(used)
-    tiers = [found[user_id][1] or "" for user_id in columns["user_ids"]]
-    cursor.execute(_BATCH_LEDGER, {**columns, "used_after": used_after, "tiers": tiers}, prepare=True)
-    entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
-    _notify_usages([(period_after_update(row, columns["now"]), row[2] - delta[pk]) for pk, row in after.items()])
-    return used_after, entry_ids
+def _int_array(values) -> str:
+    """A bigint[] as PostgreSQL's text literal: far cheaper to build than psycopg's
+    element-by-element encoding of a Python list."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
-def _answers(requests: list[ConsumeRequest], columns: dict, found, after, used_after: list[int],
-             entry_ids: dict[tuple[int, str], int]) -> list[BatchItemResult]:
-    """consume_response for each item, as a replay (usage.stored_body) will answer it."""
-    recorded_at = _api_time(columns["now"])
+def _answers(requests: list[ConsumeRequest], now: datetime, found, period_ids: list[int], after,
+             delta: dict[int, int], entry_ids: dict[tuple[int, str], int]) -> list[BatchItemResult]:
+    """consume_response for each item, as a replay (usage.stored_body) will answer it:
+    each item's usage right after it, as the ledger statement stored it."""
+    recorded_at = _api_time(now)
     tiers = {period_id: tier_slug for _, tier_slug, period_id in found.values()}
     shared: dict[Any, str] = {}  # periods mostly share their bounds and rate: format each once
     figures = {pk: _PeriodFigures(tiers[pk], row, shared) for pk, row in after.items()}
+    running = {pk: row[2] - delta[pk] for pk, row in after.items()}
     results = []
-    for i, (r, account_id, period_id, used) in enumerate(zip(requests, columns["account_ids"], columns["period_ids"],
-                                                             used_after)):
+    for i, (r, period_id) in enumerate(zip(requests, period_ids)):
+        used = running[period_id] = running[period_id] + r.tokens
+        account_id = after[period_id][1]
         body = {"operationId": r.operation_id, "tokens": r.tokens, "recordedAt": recorded_at,
                 "usage": figures[period_id].as_api(used), "entryId": entry_ids[(account_id, r.operation_id)]}
         results.append(BatchItemResult(i, body, replayed=False))

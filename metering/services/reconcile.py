@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from django.db.models import F, Sum
+from django.db.models import Exists, OuterRef, Sum
 from django.db.models.functions import Coalesce
 
 from ..models import LedgerEntry, UsagePeriod
@@ -29,8 +29,8 @@ def ledger_reconcile(*, periods=None) -> list[Drift]:
 
 
 def ledger_misattributed() -> list[int]:
-    """Ledger rows whose account is not their period's account (ids, at most 100).
-    PostgreSQL checks the ledger's period but not its account (models.py says why):
-    this is the check that stands in for that constraint."""
-    return list(LedgerEntry.objects.exclude(account_id=F("period__account_id"))
-                .order_by("id").values_list("id", flat=True)[:100])
+    """Ledger rows whose period is missing, or whose account is not their period's account
+    (ids, at most 100). PostgreSQL checks neither (models.py says why): this is the check
+    that stands in for those constraints."""
+    own_period = UsagePeriod.objects.filter(pk=OuterRef("period_id"), account_id=OuterRef("account_id"))
+    return list(LedgerEntry.objects.filter(~Exists(own_period)).order_by("id").values_list("id", flat=True)[:100])

@@ -100,6 +100,22 @@ def test_reconcile_finds_a_ledger_row_naming_another_account(make_user, api):
 
 
 @pytest.mark.django_db
+def test_reconcile_finds_a_ledger_row_whose_period_is_missing(make_user, api):
+    """Nor is the ledger's period (models.py): a row pointing at no period is reported."""
+    user = make_user()
+    api.post("/api/tokens/consume", consume_body(user, "x", 100), format="json")
+    api.post("/api/tokens/consume", consume_body(user, "y", 50), format="json")
+    assert "OK" in run("reconcile")
+    entry = LedgerEntry.objects.get(account__user=user, operation_id="x")
+    missing = UsagePeriod.objects.order_by("-pk").values_list("pk", flat=True).first() + 1000
+    LedgerEntry.objects.filter(pk=entry.pk).update(period_id=missing)
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 ledger row"):
+        call_command("reconcile", stdout=out)
+    assert f"[{entry.pk}]" in out.getvalue()
+
+
+@pytest.mark.django_db
 def test_deleting_a_user_keeps_their_audit_rows_without_the_user(make_user, api, django_user_model):
     from metering.models import AuditLog
 

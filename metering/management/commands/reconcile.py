@@ -4,7 +4,7 @@ from metering.services import ledger_misattributed, ledger_reconcile
 
 
 class Command(BaseCommand):
-    help = "Prove every period's counters equal the sum of its ledger and each row names its period's account."
+    help = "Prove every period's counters equal the sum of its ledger and each row names an existing period and its account."
 
     def handle(self, *args, **options):
         drifts = ledger_reconcile()
@@ -13,8 +13,8 @@ class Command(BaseCommand):
                               f"reserved={d.reserved} ledger_reserved={d.ledger_reserved}")
         misattributed = ledger_misattributed()
         if misattributed:
-            self.stdout.write(f"MISATTRIBUTED ledger rows (account is not the period's): {misattributed}")
+            self.stdout.write(f"MISATTRIBUTED ledger rows (no such period, or the account is not the period's): {misattributed}")
         if drifts or misattributed:
             raise CommandError(f"{len(drifts)} period(s) drift from the ledger; "
-                               f"{len(misattributed)} ledger row(s) name another account than their period's.")
-        self.stdout.write("OK: every period's counters equal its ledger, and every ledger row its period's account.")
+                               f"{len(misattributed)} ledger row(s) name a missing period or another account than their period's.")
+        self.stdout.write("OK: every period's counters equal its ledger, and every ledger row names its period and that period's account.")
