@@ -4,7 +4,6 @@ the ORM path in batch.py, which answers whenever this returns None."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -33,43 +32,55 @@ LEFT JOIN LATERAL (
 ) per ON true
 """
 
-_BATCH_LOCK = "SELECT id FROM metering_usageperiod WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id FOR UPDATE"
-
-_BATCH_UPDATE = """
-UPDATE metering_usageperiod p SET used = p.used + d.delta, updated_at = %(now)s
-FROM unnest(%(ids)s::bigint[], %(deltas)s::bigint[]) AS d(id, delta)
-WHERE p.id = d.id AND p.used + p.reserved + d.delta <= p.cap
-RETURNING p.id, p.account_id, p.used, p.reserved, p.token_limit, p.cap, p.overage_rate, p.starts_at, p.ends_at
-"""
-
 # The items travel as one JSON parameter (json.dumps is C; psycopg dumps a Python list
 # element by element in Python, which for a dozen 1,000-element arrays cost more than
 # all the SQL around them), unpacked by json_to_recordset. Short keys keep it small.
 _ITEMS = """json_to_recordset(%(items)s::json) AS x(i int, u bigint, a bigint, p bigint, t bigint, o text, ot text,
                                                    pv text, m text, e int, f text, tr text)"""
 
+# Locks, update and ledger rows in one statement, so the periods stay locked for one
+# round trip and the commit, not for a conversation: under load every round trip made
+# while holding them waits for a core, and every other batch for those users waits too.
+# `locked` takes the row locks in id order (so concurrent batches cannot deadlock) before
+# the UPDATE touches a row; the UPDATE skips any period the batch would take past its cap,
+# which leaves that period out of the result and the caller rolls everything back.
 # No check beforehand that the operation ids are new: ledger_one_consumption_per_operation
 # refuses a recorded one here (IntegrityError, everything rolls back) and the ORM path
 # answers the replay or conflict. A probe before would cost every fresh batch as much as
 # the index's own check does.
-# Each row stores the usage right after it raw, as fast_consume.py does (a replay formats
-# it with usage.stored_body): the period as this transaction's UPDATE left it, less this
-# batch's later items for that period (running sums in item order, worked out here, so
-# nothing runs in Python between the UPDATE and this statement while the periods are locked).
-_BATCH_LEDGER = f"""
-INSERT INTO metering_ledgerentry
-    (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
-     estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
-SELECT x.a, x.p, 'consumption', x.t, 0, x.o, x.ot, x.pv, x.m, x.e, x.t, %(service_key_id)s, '', '', x.f,
-       jsonb_build_object('recordedAt', %(now)s::timestamptz, 'usageAfter', jsonb_build_object(
-           'tier', NULLIF(x.tr, ''), 'limit', p.token_limit, 'used', p.used - x.total + x.running,
-           'reserved', p.reserved, 'cap', p.cap, 'overageRate', p.overage_rate::text,
-           'periodStart', p.starts_at, 'periodEnd', p.ends_at)),
-       %(now)s
-FROM (SELECT x.*, sum(x.t) OVER (PARTITION BY x.p ORDER BY x.i) AS running, sum(x.t) OVER (PARTITION BY x.p) AS total
-      FROM {_ITEMS}) x
-JOIN metering_usageperiod p ON p.id = x.p
-RETURNING id, account_id, operation_id
+# Each ledger row stores the usage right after it raw, as fast_consume.py does (a replay
+# formats it with usage.stored_body): the period as the UPDATE left it, less this batch's
+# later items for that period (running sums in item order).
+_BATCH_WRITE = f"""
+WITH x AS MATERIALIZED (
+    SELECT * FROM {_ITEMS}
+), d AS (
+    SELECT x.p AS id, sum(x.t)::bigint AS delta FROM x GROUP BY x.p  -- sum(bigint) is numeric
+), locked AS MATERIALIZED (
+    SELECT per.id FROM metering_usageperiod per WHERE per.id IN (SELECT d.id FROM d) ORDER BY per.id FOR UPDATE
+), upd AS (
+    UPDATE metering_usageperiod per SET used = per.used + d.delta, updated_at = %(now)s
+    FROM d JOIN locked ON locked.id = d.id
+    WHERE per.id = d.id AND per.used + per.reserved + d.delta <= per.cap
+    RETURNING per.id, per.account_id, per.used, per.reserved, per.token_limit, per.cap, per.overage_rate,
+              per.starts_at, per.ends_at, d.delta
+), entry AS (
+    INSERT INTO metering_ledgerentry
+        (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
+         estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
+    SELECT r.a, r.p, 'consumption', r.t, 0, r.o, r.ot, r.pv, r.m, r.e, r.t, %(service_key_id)s, '', '', r.f,
+           jsonb_build_object('recordedAt', %(now)s::timestamptz, 'usageAfter', jsonb_build_object(
+               'tier', NULLIF(r.tr, ''), 'limit', upd.token_limit, 'used', upd.used - upd.delta + r.running,
+               'reserved', upd.reserved, 'cap', upd.cap, 'overageRate', upd.overage_rate::text,
+               'periodStart', upd.starts_at, 'periodEnd', upd.ends_at)),
+           %(now)s
+    FROM (SELECT x.*, (sum(x.t) OVER (PARTITION BY x.p ORDER BY x.i))::bigint AS running FROM x) r
+    JOIN upd ON upd.id = r.p
+    RETURNING id, period_id, operation_id
+)
+SELECT entry.id, entry.operation_id, upd.id, upd.account_id, upd.used, upd.reserved, upd.token_limit, upd.cap,
+       upd.overage_rate, upd.starts_at, upd.ends_at, upd.delta
+FROM entry JOIN upd ON upd.id = entry.period_id
 """
 
 # Audit rows need nothing from the locked periods, so they go in before the locks are taken.
@@ -90,7 +101,8 @@ class _NotFast(Exception):
 def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -> list[BatchItemResult] | None:
     """A batch of fresh operations for users with open periods, none past its cap,
     in a fixed number of statements whatever its size (one read; then in one
-    transaction: audit rows, period locks, one update, ledger rows).
+    transaction: the audit rows, then one statement that locks the periods, updates
+    them and writes the ledger rows).
 
     Returns None, having changed nothing, for anything else - an unknown user,
     operation type or provider, a duplicate, a reservation, a user without an
@@ -125,28 +137,18 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
         ], separators=(",", ":"))
         common = {"items": items, "service_key_id": ctx.service_key_id, "now": now, "client_ip": ctx.client_ip,
                   "user_agent": (ctx.user_agent or "")[:300], "actor": ctx.actor, "request_id": ctx.request_id}
-        delta: dict[int, int] = defaultdict(int)
-        for period_id, r in zip(period_ids, requests):
-            delta[period_id] += r.tokens
-        locked = sorted(delta)
-        update = {"ids": _int_array(locked), "deltas": _int_array(delta[p] for p in locked), "now": now}
-        # No foreign key on the rows written here is checked by PostgreSQL (models.py), so
-        # nothing is left to check at commit, while the periods are locked.
+        periods = len(set(period_ids))
         try:
             with transaction.atomic():
                 cursor.execute(_BATCH_AUDIT, common, prepare=True)
-                # Lock in id order, so concurrent batches cannot deadlock; the UPDATE
-                # skips any period the batch would take past its cap. From here to the
-                # commit other writers to these users wait: keep it short (every
-                # parameter is encoded already).
-                cursor.execute(_BATCH_LOCK, update, prepare=True)
-                cursor.execute(_BATCH_UPDATE, update, prepare=True, binary=True)
-                # binary results: psycopg's C loaders for the 2,000 timestamps and 1,000 rates
-                after = {row[0]: row for row in cursor.fetchall()}
-                if len(after) != len(locked):
+                # binary results: psycopg's C loaders for the timestamps and rates
+                cursor.execute(_BATCH_WRITE, common, prepare=True, binary=True)
+                rows = cursor.fetchall()
+                after = {row[2]: row[2:11] for row in rows}
+                if len(after) != periods:
                     raise _NotFast  # a cap: the ORM path names the item
-                cursor.execute(_BATCH_LEDGER, common, prepare=True)
-                entry_ids = {(account_id, operation_id): pk for pk, account_id, operation_id in cursor.fetchall()}
+                delta = {row[2]: row[11] for row in rows}
+                entry_ids = {(row[3], row[1]): row[0] for row in rows}
                 # the alerts record what this batch crossed in its transaction
                 _notify_usages([(period_after_update(row, now), row[2] - delta[pk]) for pk, row in after.items()])
         except _NotFast:
