@@ -1,5 +1,5 @@
--- POST /api/tokens/consume/batch with BENCH_BATCH (default 1000) fresh operations
--- per request, spread over the load users.
+-- POST /api/tokens/consume/batch (or BENCH_PATH: bench/floor.py's batch-ledger) with
+-- BENCH_BATCH (default 1000) fresh operations per request, spread over the load users.
 package.path = "bench/?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
@@ -20,6 +20,6 @@ function request()
       user, c.run, tid, n, i, 1 + (i % 500), ops[(i % 4) + 1])
   end
   local body = '{"operations": [' .. table.concat(items, ",") .. ']}'
-  return wrk.format("POST", "/api/tokens/consume/batch", {
+  return wrk.format("POST", os.getenv("BENCH_PATH") or "/api/tokens/consume/batch", {
     ["Authorization"] = "Api-Key " .. c.key, ["Content-Type"] = "application/json"}, body)
 end

@@ -1,5 +1,6 @@
--- POST /api/tokens/consume with a fresh operation id every time, users spread
--- over BENCH_USER_FIRST..BENCH_USER_LAST (one user when both are the same).
+-- POST /api/tokens/consume (or BENCH_PATH: the floor views of bench/floor.py) with a
+-- fresh operation id every time, users spread over BENCH_USER_FIRST..BENCH_USER_LAST
+-- (one user when both are the same).
 package.path = "bench/?.lua;" .. package.path
 local c = require("common")
 setup = c.setup
@@ -16,6 +17,6 @@ function request()
     '{"userId": %d, "operationId": "b-%s-%d-%d", "tokens": %d, "operationType": "%s", "provider": "openai", ' ..
     '"model": "gpt-4o", "estimatedTokens": %d}',
     user, c.run, tid, n, 100 + (n % 900), ops[(n % 4) + 1], 120 + (n % 800))
-  return wrk.format("POST", "/api/tokens/consume", {
+  return wrk.format("POST", os.getenv("BENCH_PATH") or "/api/tokens/consume", {
     ["Authorization"] = "Api-Key " .. c.key, ["Content-Type"] = "application/json"}, body)
 end

@@ -3,6 +3,7 @@
     python bench/run.py                 # everything, about 4 minutes
     python bench/run.py --rounds 3      # the HTTP runs three times, best and spread reported
     python bench/run.py --only consume,bare --duration 5
+    python bench/run.py --only bare,consume,batch,floor   # with the floor views (bench/floor.py)
 
 Steps: create the bench_consensus database if missing, migrate it, seed it
 (bench/seed.py, idempotent), start gunicorn with consensus_tokens/gunicorn.conf.py
@@ -33,7 +34,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PG = os.environ.get("BENCH_PG", "postgres://postgres@127.0.0.1:5432")
 DB_NAME = os.environ.get("BENCH_DB", "bench_consensus")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
-STEPS = ("bare", "consume", "batch", "history", "estimate")
+# bench/floor.py's views, cheapest first (not imported: it needs Django set up)
+FLOOR_VARIANTS = ("post", "redis", "select1", "consume-sql", "redis+consume-sql")
+STEPS = ("bare", "consume", "batch", "floor", "history", "estimate")
 
 
 def log(msg: str) -> None:
@@ -177,9 +180,16 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
         log(f"{name}: {result['rps'] * ops:,.0f} {'ops' if ops > 1 else 'req'}/s p50 {result['p50_ms']:.2f} ms "
             f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}")
 
-    # Warm every worker: imports, connections, tiktoken-free paths, plan caches.
-    for script, path in (("bare.lua", "/bench/bare"), ("consume.lua", "/"), ("usage.lua", "/")):
-        wrk(server.url + path, script, connections=c, duration=2, env={**base, "BENCH_RUN": f"warm{time.time()}"})
+    # Warm every worker: imports, connections, tiktoken-free paths, plan caches, and each
+    # worker's cached rate limits of the load users (ratelimit._TierLimits), as a worker
+    # that has been up a while has them. A request reaches a random worker, so a user
+    # needs ~13 requests before all 5 workers have seen it with 95% odds: 20 s of consumes
+    # (~13,000 at this machine's rate) for the 1,000 load users; 2 s left most workers cold.
+    warm_consume = 20.0 if args.only & {"consume", "floor"} else 2.0
+    for script, path, seconds in (("bare.lua", "/bench/bare", 2), ("consume.lua", "/", warm_consume),
+                                  ("usage.lua", "/", 2)):
+        wrk(server.url + path, script, connections=c, duration=seconds,
+            env={**base, "BENCH_RUN": f"warm{time.time()}"})
     for round_ in range(args.rounds):
         log(f"round {round_ + 1}/{args.rounds}")
         if "bare" in args.only:
@@ -189,6 +199,12 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
         if "batch" in args.only:
             measure("batch", "batch.lua", conns=args.batch_connections, ops=args.batch_size,
                     BENCH_BATCH=str(args.batch_size))
+        if "floor" in args.only:
+            # What the stack allows at best (bench/floor.py), each against this round's bare run.
+            for variant in FLOOR_VARIANTS:
+                measure(f"floor {variant}", "consume.lua", BENCH_PATH=f"/bench/floor/{variant}")
+            measure("floor batch-ledger", "batch.lua", conns=args.batch_connections, ops=args.batch_size,
+                    BENCH_BATCH=str(args.batch_size), BENCH_PATH="/bench/floor/batch-ledger")
         if "history" in args.only:
             # Short alternating slices (1K, 1M, 1M, 1K), so both sizes see the same
             # background load; compared on their mean rates.
@@ -244,6 +260,17 @@ def report(runs: dict[str, Run], est: dict | None, hist: dict | None, args: argp
         rows.append((f"batch of {r.ops_per_request}, {args.batch_connections} connections",
                      f"{ops:,.0f} ops/s (p50 {r.p50[i]:.0f} ms/batch)", ">= 20,000 ops/s",
                      verdict(ops >= 20_000 and r.errors == 0)))
+    if bare:
+        for variant in (*FLOOR_VARIANTS, "batch-ledger"):
+            r = runs.get(f"floor {variant}")
+            if r is None:
+                continue
+            i = r.best
+            if r.ops_per_request > 1:
+                value = f"{r.rps[i] * r.ops_per_request:,.0f} ops/s"
+            else:
+                value = f"{r.rps[i]:,.0f} req/s = {r.rps[i] / bare.rps[i]:.2f}x bare, p99 {r.p99[i]:.1f} ms"
+            rows.append((f"floor (bench/floor.py): {variant}", value, "-", "-"))
     for kind in ("usage", "consume"):
         a, b = runs.get(f"{kind}_1k"), runs.get(f"{kind}_1m")
         if a and b:

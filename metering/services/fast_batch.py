@@ -150,7 +150,8 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
                 delta = {row[2]: row[11] for row in rows}
                 entry_ids = {(row[3], row[1]): row[0] for row in rows}
                 # the alerts record what this batch crossed in its transaction
-                _notify_usages([(period_after_update(row, now), row[2] - delta[pk]) for pk, row in after.items()])
+                alias = connection.alias
+                _notify_usages([(period_after_update(row, now, alias), row[2] - delta[pk]) for pk, row in after.items()])
         except _NotFast:
             return None
     # the answers after the commit: the periods' locks are held no longer than the statements need
