@@ -168,7 +168,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_RENDERER_CLASSES": ["consensus_tokens.renderers.FastJSONRenderer"],  # DRF's JSON, written by orjson
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "consensus_tokens.errors.exception_handler",
     # Limits only the paths in RATELIMIT_API_PREFIXES (consensus_tokens/ratelimit.py).

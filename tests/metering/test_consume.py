@@ -207,3 +207,26 @@ def test_the_largest_limits_do_not_overflow(api, make_user, settings, spend, fas
     assert crossing.status_code == 201, crossing.content
     assert crossing.json()["usage"]["used"] == 1_611_000_100
     assert current_period(user).used == 1_611_000_100
+
+
+@pytest.mark.parametrize("operation_type, provider, model, reservation_id, estimated", [
+    ("summary", "openai", "", "", None),
+    ("analysis", "", "gpt-4o", "0b0c6a52-3f55-4c8e-9d57-2d1f1c7b9a10", 0),
+    ("quo\"te", "back\\slash", "tab\there\nnewline", "é ünïcode 漢字 🙂", 2**31),
+    ("\x01\x1f control", "/slash/", "ascii only", "", 999_999),
+])
+def test_the_fingerprint_is_the_sha256_of_the_json_array_it_always_was(operation_type, provider, model,
+                                                                       reservation_id, estimated):
+    """Every consumption stores its fingerprint and a replay compares against it, so the
+    faster formatting must give exactly what json.dumps gave."""
+    import hashlib
+    import json
+
+    from metering.services import ConsumeRequest
+
+    for tokens in (1, 123_456, 1_000_000):
+        request = ConsumeRequest(user_id=7, operation_id="op", tokens=tokens, operation_type=operation_type,
+                                 provider=provider, model=model, reservation_id=reservation_id,
+                                 estimated_tokens=estimated)
+        body = [tokens, operation_type, provider, model, reservation_id, estimated]
+        assert request.fingerprint() == hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
