@@ -185,7 +185,7 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
     # that has been up a while has them. A request reaches a random worker, so a user
     # needs ~13 requests before all 5 workers have seen it with 95% odds: 20 s of consumes
     # (~13,000 at this machine's rate) for the 1,000 load users; 2 s left most workers cold.
-    warm_consume = 20.0 if args.only & {"consume", "floor"} else 2.0
+    warm_consume = 20.0 if args.only & {"consume", "batch", "floor"} else 2.0
     for script, path, seconds in (("bare.lua", "/bench/bare", 2), ("consume.lua", "/", warm_consume),
                                   ("usage.lua", "/", 2)):
         wrk(server.url + path, script, connections=c, duration=seconds,
