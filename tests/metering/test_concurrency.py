@@ -165,6 +165,35 @@ def test_concurrent_identical_batches_record_once(make_user, service_key):
     assert ledger_reconcile() == []
 
 
+@pytest.mark.parametrize("take_turns", [True, False], ids=["turns", "row-locks"])
+def test_concurrent_batches_over_the_same_users_each_see_the_usage_after_their_own_items(
+        make_user, service_key, settings, take_turns):
+    """Batches for shared users write one after another (BATCH_WRITES_TAKE_TURNS) or
+    meet on the periods' row locks: either way every item is recorded once, and the
+    usage each item answers is the period right after it - no two items of any batch
+    claim the same point, and the last is the period's total."""
+    settings.BATCH_WRITES_TAKE_TURNS = take_turns
+    users = [make_user("pro") for _ in range(4)]
+
+    def batch(i: int) -> tuple[int, dict]:
+        ops = [consume_body(users[j % 4], f"t{i}-{j}", 1 + (i * 7 + j) % 13) for j in range(12)]
+        return _post(service_key, "/api/tokens/consume/batch", {"operations": ops})
+
+    results = run_concurrently(12, batch)
+    assert [status for status, _ in results] == [201] * 12, [body for status, body in results if status != 201]
+    points: dict[int, list[int]] = {user.pk: [] for user in users}
+    for _, body in results:
+        for item in body["results"]:
+            points[item["userId"]].append(item["usage"]["used"])
+    for user in users:
+        used = current_period(user).used
+        assert len(points[user.pk]) == 36 and len(set(points[user.pk])) == 36
+        assert max(points[user.pk]) == used == sum(
+            1 + (i * 7 + j) % 13 for i in range(12) for j in range(12) if users[j % 4] == user)
+    assert LedgerEntry.objects.filter(kind="consumption").count() == 144
+    assert ledger_reconcile() == []
+
+
 def test_concurrent_batches_and_consumes_near_the_cap(make_user, service_key, spend):
     user = make_user("basic")
     spend(user, 14_000)
