@@ -162,18 +162,23 @@ def consume_batch_fast(*, requests: list[ConsumeRequest], ctx: RequestContext) -
                         cursor.execute(_TAKE_TURN, prepare=True)
                     # binary results: psycopg's C loaders for the timestamps and rates
                     cursor.execute(_BATCH_WRITE, common, prepare=True, binary=True)
+                # one row per ledger row: (entry id, operation id, then its period as the
+                # UPDATE left it - id, account, used, reserved, limit, cap, rate, start, end -
+                # and the batch's tokens for that period)
                 rows = cursor.fetchall()
-                after = {row[2]: row[2:11] for row in rows}
-                if len(after) != periods:
+                changed = {row[2]: row for row in rows}
+                if len(changed) != periods:
                     raise _NotFast  # a cap: the ORM path names the item
-                delta = {row[2]: row[11] for row in rows}
-                entry_ids = {(row[3], row[1]): row[0] for row in rows}
-                # the alerts record what this batch crossed in its transaction
+                # the alerts record what this batch crossed in its transaction; nothing else
+                # runs between the write and the commit, while the periods are locked
                 alias = connection.alias
-                _notify_usages([(period_after_update(row, now, alias), row[2] - delta[pk]) for pk, row in after.items()])
+                _notify_usages([(period_after_update(row[2:11], now, alias), row[4] - row[11])
+                                for row in changed.values()])
         except _NotFast:
             return None
-    # the answers after the commit: the periods' locks are held no longer than the statements need
+    after = {pk: row[2:11] for pk, row in changed.items()}
+    delta = {pk: row[11] for pk, row in changed.items()}
+    entry_ids = {(row[3], row[1]): row[0] for row in rows}
     return _answers(requests, now, found, period_ids, after, delta, entry_ids)
 
 
