@@ -1,6 +1,6 @@
 """A batch of fresh consumes on PostgreSQL in a fixed number of set-based
-statements (array parameters, binary encoded), whatever its size. Same rules as
-the ORM path in batch.py, which answers whenever this returns None."""
+statements whatever its size (its items travel as one JSON parameter). Same rules
+as the ORM path in batch.py, which answers whenever this returns None."""
 from __future__ import annotations
 
 import json
@@ -93,8 +93,8 @@ FROM entry JOIN upd ON upd.id = entry.period_id
 # committed and finds its rows current. The cost: batches for disjoint users take turns
 # too, so one database writes at most one batch per write statement (about 30 ms for
 # 1,000 items here, so some 30,000 operations/s). Single consumes never take it. The
-# key is this project's own (two int4s, "ct" and 1, so no other lock can share it).
-_TAKE_TURN = "SELECT pg_advisory_xact_lock(29812, 1)"
+# key is the two-int4 form, (0x6374 for "ct", 1): pick another for any other use.
+_TAKE_TURN = "SELECT pg_advisory_xact_lock(25460, 1)"
 
 # Audit rows need nothing from the locked periods, so they go in before the locks are taken.
 _BATCH_AUDIT = f"""

@@ -194,6 +194,39 @@ def test_concurrent_batches_over_the_same_users_each_see_the_usage_after_their_o
     assert ledger_reconcile() == []
 
 
+def test_a_fast_batch_waits_its_turn_for_the_write(make_user, service_key, settings, fast_path):
+    """BATCH_WRITES_TAKE_TURNS: while another session holds the batches' advisory lock, a
+    set-based batch waits before writing, then records; the ORM path never takes it."""
+    import threading
+
+    import psycopg
+    from django.db import connection
+
+    from metering.services import fast_batch
+
+    settings.BATCH_WRITES_TAKE_TURNS = True
+    users = [make_user("pro") for _ in range(2)]
+    for user in users:  # open their periods: a batch for users without one takes the ORM path
+        assert _post(service_key, "/api/tokens/consume", consume_body(user, f"open-{user.pk}", 1))[0] == 201
+    ops = [consume_body(users[j % 2], f"turn-{j}", 5) for j in range(4)]
+    db = connection.settings_dict
+    key = fast_batch._TAKE_TURN.split("(", 1)[1].rstrip(")")
+    with psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"],
+                         dbname=db["NAME"], autocommit=True) as other:
+        other.execute(f"SELECT pg_advisory_lock({key})")
+        result: list[tuple[int, dict]] = []
+        worker = threading.Thread(target=lambda: (result.append(
+            _post(service_key, "/api/tokens/consume/batch", {"operations": ops})), connection.close()))
+        worker.start()
+        worker.join(timeout=1.5)
+        assert worker.is_alive() == fast_path  # the fast path waits; the ORM path has answered
+        other.execute(f"SELECT pg_advisory_unlock({key})")
+        worker.join(timeout=30)
+    assert result and result[0][0] == 201, result
+    assert LedgerEntry.objects.filter(operation_id__startswith="turn-").count() == 4
+    assert ledger_reconcile() == []
+
+
 def test_concurrent_batches_and_consumes_near_the_cap(make_user, service_key, spend):
     user = make_user("basic")
     spend(user, 14_000)
