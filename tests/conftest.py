@@ -7,12 +7,35 @@ from importlib import import_module
 
 import pytest
 from django.core.cache import cache
+from django.db import connections
 from rest_framework.test import APIClient
 
 from metering.models import Account, ServiceKey, Tier
 from metering.services import service_key_create
+from tests import clock
 
 _usernames = itertools.count(1)
+_moved_clock = clock.moved_clock()
+
+
+def pytest_report_header(config):
+    if _moved_clock:
+        return f"clock: every test starts at {_moved_clock.isoformat()} (CT_TEST_CLOCK)"
+
+
+def pytest_configure(config):
+    if _moved_clock:
+        clock.expose_to_subprocesses()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With CT_TEST_CLOCK set, each test (its fixtures' setup and teardown included) runs on
+    the moved clock."""
+    if _moved_clock is None:
+        return (yield)
+    with clock.clock_at(_moved_clock):
+        return (yield)
 
 
 @pytest.fixture(autouse=True)
@@ -53,12 +76,18 @@ def pytest_runtest_teardown(item, nextitem):
         from pytest_django.plugin import blocking_manager_key
 
         with item.config.stash[blocking_manager_key].unblock():
-            _seed_reference_data()
-            if marker and marker.kwargs.get("available_apps"):
-                # a flush limited to some apps skips post_migrate: content types and permissions are gone
-                from django.core.management.sql import emit_post_migrate_signal
+            try:
+                _seed_reference_data()
+                if marker and marker.kwargs.get("available_apps"):
+                    # a flush limited to some apps skips post_migrate: content types and permissions are gone
+                    from django.core.management.sql import emit_post_migrate_signal
 
-                emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
+                    emit_post_migrate_signal(verbosity=0, interactive=False, db="default")
+            finally:
+                # This runs outside any test, sometimes in another context than the tests' own
+                # (Playwright's greenlets keep their own context-local connections): close what it
+                # opened, or the connection outlives the session and blocks dropping the test database.
+                connections.close_all()
     return result
 
 

@@ -79,6 +79,9 @@ def _rules_from_db(operation_type: str, provider: str) -> tuple[str, int, estima
         operation_type_get(operation_type)
         raise UnknownProvider(f"Unknown provider '{provider}'.")
     op_slug, base_tokens, slug, counting, encoding, chars, words, factor, samples = row
+    # A raw row has the driver's types: SQLite hands DECIMAL columns back as floats.
+    chars, words, factor = (Provider._meta.get_field(name).to_python(value) for name, value in
+                            (("chars_per_token", chars), ("words_per_token", words), ("calibration_factor", factor)))
     return op_slug, base_tokens, provider_rules(Provider(
         slug=slug, counting=counting, default_encoding=encoding, chars_per_token=chars, words_per_token=words,
         calibration_factor=factor, calibration_samples=samples))

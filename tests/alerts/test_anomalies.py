@@ -101,21 +101,22 @@ def test_hold_caps_the_user_at_the_limit_until_support_resolves(consume, make_us
         consume(user, 39_000)  # 2,400 + 8,000 + 39,000 = 49,400
         consume(user, 1_000, expect=402)  # past the limit: no overage while held
 
-    page = admin_client.get("/admin/alerts/anomalyflag/")
-    assert page.status_code == 200 and "Usage spike" in page.content.decode()
-    form = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk]})
-    assert form.status_code == 200 and b'name="note"' in form.content
-    no_note = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk],
-                                                              "apply": "1", "note": ""})
-    assert no_note.status_code == 200 and AnomalyFlag.objects.get().status == "open"
-    done = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk],
-                                                           "apply": "1", "note": "Batch import agreed with the customer."})
-    assert done.status_code == 302
-    flag.refresh_from_db()
-    account.refresh_from_db()
-    assert flag.status == "resolved" and flag.resolution_note == "Batch import agreed with the customer."
-    assert flag.resolved_by == "admin" and not account.anomaly_hold
-    with time_machine.travel(DETECT_AT, tick=False):
+    # Support resolves the flag while the period is still current: terms apply to open periods only.
+    with time_machine.travel(DETECT_AT + timedelta(minutes=10)):
+        page = admin_client.get("/admin/alerts/anomalyflag/")
+        assert page.status_code == 200 and "Usage spike" in page.content.decode()
+        form = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk]})
+        assert form.status_code == 200 and b'name="note"' in form.content
+        no_note = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk],
+                                                                  "apply": "1", "note": ""})
+        assert no_note.status_code == 200 and AnomalyFlag.objects.get().status == "open"
+        done = admin_client.post("/admin/alerts/anomalyflag/", {"action": "resolve", "_selected_action": [flag.pk],
+                                                               "apply": "1", "note": "Batch import agreed with the customer."})
+        assert done.status_code == 302
+        flag.refresh_from_db()
+        account.refresh_from_db()
+        assert flag.status == "resolved" and flag.resolution_note == "Batch import agreed with the customer."
+        assert flag.resolved_by == "admin" and not account.anomaly_hold
         assert period_current(account=account_for_user(user_id=user.pk)).cap == 100_000
         consume(user, 1_000)  # overage allowed again
     assert AuditLog.objects.filter(action="anomaly_resolve", result="hold_lifted", user=user).exists()

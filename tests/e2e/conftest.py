@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from django.db import connections
 
 from tests.dashboard.conftest import consume  # noqa: F401  (a fixture, shared)
 
@@ -30,6 +31,10 @@ def browser():
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         yield browser
         browser.close()
+        # Django's connections are context-local and Playwright's sync API runs the tests in a
+        # context of its own: close the connections opened there before leaving it, or they
+        # outlive the session and keep the test database from being dropped.
+        connections.close_all()
 
 
 @pytest.fixture
