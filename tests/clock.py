@@ -10,6 +10,7 @@ nothing of ours asks them for the time of day.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,7 +47,8 @@ def expose_to_subprocesses() -> None:
 @contextmanager
 def clock_at(when: datetime) -> Iterator[None]:
     """Run the block as if it started at `when`, this process and the ones it starts."""
-    os.environ[SHIFT_VARIABLE] = repr(when.timestamp() - escape_hatch.time.time())
+    real_now = escape_hatch.time.time() if escape_hatch.is_travelling() else time.time()
+    os.environ[SHIFT_VARIABLE] = repr(when.timestamp() - real_now)
     try:
         with time_machine.travel(when, tick=True):
             yield

@@ -150,7 +150,7 @@ def celery_processes(transactional_db, broker, smtp, tmp_path):
     settings.ALERTS_RESEND_EVERY_SECONDS = 2
     call_command("setup_periodic_tasks", "--reset", stdout=open(os.devnull, "w"))
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.local", "DEBUG": "false",
-           "PYTHONPATH": str(PROJECT), "DATABASE_URL": database_url(), "DB_CONN_MAX_AGE": "0",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT), os.environ.get("PYTHONPATH")])), "DATABASE_URL": database_url(), "DB_CONN_MAX_AGE": "0",
            "REDIS_URL": settings.REDIS_URL, "CELERY_BROKER_URL": broker.url, "CELERY_TASK_ALWAYS_EAGER": "false",
            "EMAIL_URL": f"smtp://127.0.0.1:{smtp_port}", "ALERTS_RESEND_GRACE_SECONDS": "1",
            "LOG_LEVEL": "INFO"}

@@ -20,6 +20,22 @@ def _path(settings, fast_path):
     settings.METERING_FAST_PATH = fast_path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _room_for_the_race(django_db_blocker):
+    """A race needs a connection per thread: on a server other clients fill, say so instead of
+    failing with 503s (scripts/test.sh starts a server of its own when the standard one is full)."""
+    from django.db import connection
+
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute("SELECT current_setting('max_connections')::int"
+                       " - current_setting('superuser_reserved_connections')::int"
+                       " - (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend')")
+        free = cursor.fetchone()[0]
+    if free < THREADS + 4:
+        pytest.fail(f"PostgreSQL has {free} connections free; these races need {THREADS + 4}. Run the suite with "
+                    "scripts/test.sh, which starts a PostgreSQL of its own when the standard one is this full.")
+
+
 def _post(raw_key: str, path: str, body: dict) -> tuple[int, dict]:
     response = key_client(raw_key).post(path, body, format="json")
     return response.status_code, response.json()

@@ -2,7 +2,7 @@
 released, or expired by the cleanup job."""
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone as dt_timezone
 
 import pytest
 import time_machine
@@ -14,6 +14,9 @@ from metering.services import ledger_reconcile, reservations_expire_stale
 from .conftest import consume_body, current_period
 
 pytestmark = pytest.mark.django_db
+
+# Tests that step the clock past a hold's expiry start mid-month, so the steps stay in one period.
+MID_MONTH = datetime(2026, 11, 10, 12, 0, tzinfo=dt_timezone.utc)
 
 
 def reserve(api, user, tokens, **extra):
@@ -149,6 +152,7 @@ def test_holds_without_operation_id_are_independent(api, user):
     assert current_period(user).reserved == 200
 
 
+@time_machine.travel(MID_MONTH)
 def test_stale_holds_expire_and_cannot_be_settled(api, user):
     start = timezone.now()
     stale = reserve(api, user, 900, operationId="stale")
@@ -172,6 +176,7 @@ def test_stale_holds_expire_and_cannot_be_settled(api, user):
     assert ledger_reconcile() == []
 
 
+@time_machine.travel(MID_MONTH)
 def test_a_hold_past_its_expiry_cannot_be_settled_even_before_cleanup(api, user):
     start = timezone.now()
     hold = reserve(api, user, 600, ttlSeconds=60)
