@@ -1,5 +1,5 @@
-"""Management commands: demo (idempotent), reconcile (drift and exit code),
-create_service_key (a working key)."""
+"""Management commands: demo (idempotent, its users' and staff's logins work), reconcile (drift and
+exit code), create_service_key (a working key)."""
 from __future__ import annotations
 
 import io
@@ -19,6 +19,7 @@ from rest_framework.test import APIClient
 
 from metering.models import LedgerEntry, UsagePeriod
 from metering.services import account_for_user, ledger_reconcile, usage_get
+from metering.services.support import SUPPORT_GROUP
 
 from .conftest import FLUSHED_APPS, consume_body, key_client
 
@@ -41,7 +42,7 @@ def test_demo_is_idempotent_and_its_key_works(django_user_model):
         second = run("demo")
     assert first == second
     assert LedgerEntry.objects.count() == ledger_rows > 0
-    assert django_user_model.objects.count() == 3
+    assert django_user_model.objects.filter(is_staff=False).count() == 3
 
     users = re.findall(r"^USER (\w+) id=(\d+) tier=(\w+) password=(\S+)$", first, re.M)
     assert [(name, tier) for name, _, tier, _ in users] == [("alice", "basic"), ("bob", "pro"),
@@ -72,6 +73,31 @@ def test_demo_is_idempotent_and_its_key_works(django_user_model):
             "consensus", "analysis", "summary", "comparison"}
         assert not history.filter(estimated_tokens=None).exists()
     assert ledger_reconcile() == []
+
+
+@pytest.mark.django_db
+def test_demo_staff_logins_sign_in_to_the_admin(django_user_model, client):
+    first = run("demo")
+    staff = re.findall(r"^STAFF (\w+) password=(\S+)$", first, re.M)
+    assert [name for name, _ in staff] == ["support", "admin"]
+    assert run("demo") == first  # the same logins, still working, on a second run
+
+    support = django_user_model.objects.get(username="support")
+    assert support.is_staff and not support.is_superuser
+    assert list(support.groups.values_list("name", flat=True)) == [SUPPORT_GROUP]
+    assert support.has_perm("metering.change_account") and not support.has_perm("metering.add_servicekey")
+    admin = django_user_model.objects.get(username="admin")
+    assert admin.is_staff and admin.is_superuser
+
+    for name, password in staff:
+        client.logout()
+        signed_in = client.post("/admin/login/?next=/admin/", {"username": name, "password": password})
+        assert signed_in.status_code == 302 and signed_in["Location"] == "/admin/", name
+        console = client.get("/admin/")
+        assert console.status_code == 200 and console.context["user"].username == name
+        # support sees the accounts but not the superuser-only service keys
+        assert ("/admin/metering/servicekey/" in console.content.decode()) == (name == "admin")
+        assert "/admin/metering/account/" in console.content.decode()
 
 
 @pytest.mark.django_db

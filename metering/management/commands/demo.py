@@ -1,4 +1,5 @@
-"""Demo data: three users (one per tier) with two months of history, and a service key.
+"""Demo data: three users (one per tier) with two months of history, a support user and a
+superuser for the console, and a service key.
 
 Safe to run again: users, periods and history are created once; the service key
 is derived from SECRET_KEY, so every run prints the same working key.
@@ -18,6 +19,7 @@ from metering.models import Account, LedgerEntry, ServiceKey, Tier, UsagePeriod
 from metering.periods import calendar_month
 from metering.services import account_terms, ledger_rollup_refresh, period_current
 from metering.services.keys import hash_key
+from metering.services.support import support_group_ensure
 
 DEMO_USERS = [
     # username, tier, share of the limit used in the current period, in the two before
@@ -27,6 +29,8 @@ DEMO_USERS = [
 ]
 OPERATIONS = [("consensus", 0.35), ("analysis", 0.30), ("summary", 0.20), ("comparison", 0.15)]
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4.1-mini"), ("anthropic", "claude-sonnet-4")]
+# Console logins: what support staff see (the "support" group) and what a superuser sees.
+DEMO_STAFF = [("support", "support"), ("admin", "superuser")]
 
 
 def demo_password(username: str) -> str:
@@ -56,6 +60,7 @@ class Command(BaseCommand):
                 self._history(account, now, current_share, past_shares, seed=username)
             self.stdout.write(f"USER {username} id={user.pk} tier={tier_slug} password={demo_password(username)}")
 
+        self._staff()
         raw = demo_service_key()
         ServiceKey.objects.get_or_create(
             hashed_key=hash_key(raw),
@@ -63,6 +68,21 @@ class Command(BaseCommand):
                       "environment": settings.DEPLOY_ENVIRONMENT})
         self.stdout.write(f"SERVICE_KEY={raw}")
         ledger_rollup_refresh()  # so the demo dashboard reads daily rollups from the start
+
+    def _staff(self) -> None:
+        User = get_user_model()
+        # The group's permissions are setup_support_group's; ensuring it here lets demo run alone.
+        support_group, _ = support_group_ensure()
+        for username, role in DEMO_STAFF:
+            user, created = User.objects.get_or_create(
+                username=username, defaults={"email": f"{username}@example.com", "is_staff": True,
+                                             "is_superuser": role == "superuser"})
+            if created:
+                user.set_password(demo_password(username))
+                user.save(update_fields=["password"])
+                if role == "support":
+                    user.groups.add(support_group)
+            self.stdout.write(f"STAFF {username} password={demo_password(username)}")
 
     @transaction.atomic
     def _history(self, account: Account, now, current_share: float, past_shares, *, seed: str) -> None:
