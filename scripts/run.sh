@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 HOST=${HOST:-127.0.0.1}
 PORT=${PORT:-8000}
 export DJANGO_SETTINGS_MODULE=${DJANGO_SETTINGS_MODULE:-consensus_tokens.settings.local}
+# Links the app builds (alert e-mails, Stripe Checkout's return URLs) point at this server.
+export SITE_URL=${SITE_URL:-http://$HOST:$PORT}
 
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 if port_open "$HOST" "$PORT"; then
@@ -23,12 +25,15 @@ fi
 source scripts/setup.sh
 
 echo "run: database ${DATABASE_URL:-sqlite (db.sqlite3)}; cache/broker ${REDIS_URL:-local memory, Celery eager}"
+# A new SQLite database starts from the recorded baseline (consensus_tokens/sqlite_baseline.py):
+# a full migrate would spend most of a minute on CPU; migrate then applies only what is newer.
+python manage.py sqlite_baseline_load
 python manage.py migrate --noinput
 python manage.py setup_periodic_tasks
 python manage.py setup_support_group
 python manage.py collectstatic --noinput -v 0
 echo
-echo "== demo users and service key ================================================"
+echo "== demo users, staff logins and service key ================================="
 demo_out=$(python manage.py demo)
 echo "$demo_out"
 echo "=============================================================================="
@@ -56,11 +61,12 @@ base="http://$HOST:$PORT"
 cat <<EOF
 
 Consensus Tokens is starting on $base  (Ctrl-C stops it)
-  sign in        $base/accounts/login/   as alice / bob / carol with the passwords above
+  sign in        $base/accounts/login/   as alice / bob / carol with the USER passwords above
   dashboard      $base/dashboard/
-  admin          $base/admin/   (python manage.py createsuperuser for a staff login)
+  admin          $base/admin/   as support (the support console) or admin (superuser), STAFF passwords above
   API schema     $base/api/schema/
   try the API    curl -s -H "Authorization: Api-Key $key" "$base/api/tokens/usage?userId=${uid:-1}"
+  manage.py      .venv/bin/python manage.py <command>   (or first: source .venv/bin/activate)
 
 EOF
 # --insecure: serve static files from the app even when DEBUG is off; --noreload:

@@ -22,7 +22,9 @@ _ct_extras=""
 [ "${1:-}" = "test" ] && _ct_extras="[test]"
 _ct_stamp=".venv/.installed${_ct_extras}"
 _ct_want="$(python -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
-if [ "$(cat "$_ct_stamp" 2>/dev/null)" != "$_ct_want" ]; then
+# An up-to-date test install holds the plain one too (run.sh after test.sh installs nothing).
+if [ "$(cat "$_ct_stamp" 2>/dev/null)" != "$_ct_want" ] &&
+   { [ -n "$_ct_extras" ] || [ "$(cat ".venv/.installed[test]" 2>/dev/null)" != "$_ct_want" ]; }; then
   echo "setup: pip install -e .${_ct_extras}"
   _ct_t0=$SECONDS
   # (the filter drops this machine's notes about local package mirrors it does not have)
