@@ -48,9 +48,13 @@ def expose_to_subprocesses() -> None:
 def clock_at(when: datetime) -> Iterator[None]:
     """Run the block as if it started at `when`, this process and the ones it starts."""
     real_now = escape_hatch.time.time() if escape_hatch.is_travelling() else time.time()
+    before = os.environ.get(SHIFT_VARIABLE)
     os.environ[SHIFT_VARIABLE] = repr(when.timestamp() - real_now)
     try:
         with time_machine.travel(when, tick=True):
             yield
     finally:
-        os.environ.pop(SHIFT_VARIABLE, None)
+        if before is None:
+            os.environ.pop(SHIFT_VARIABLE, None)
+        else:
+            os.environ[SHIFT_VARIABLE] = before
