@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
 
@@ -35,6 +35,18 @@ def moved_clock() -> datetime | None:
     if when.tzinfo is None:
         raise ValueError(f"CT_TEST_CLOCK={raw!r} needs a time zone (e.g. 2027-06-15T00:00:00Z)")
     return when.astimezone(timezone.utc)
+
+
+# A test marked `within_one_period` (long races, live servers, browsers: tests about something
+# else than period boundaries) starts at least this long before a month ends.
+PERIOD_MARGIN = timedelta(minutes=10)
+
+
+def clear_of_month_end(when: datetime) -> datetime:
+    """`when`, or shortly after the next month's start when `when` is less than PERIOD_MARGIN
+    before it, so a test that starts then ends in the period it started in."""
+    next_month = (when.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
+    return next_month + PERIOD_MARGIN if next_month - when < PERIOD_MARGIN else when
 
 
 def expose_to_subprocesses() -> None:

@@ -3,6 +3,7 @@ consensus_tokens/settings/test.py); nothing of ours is mocked."""
 from __future__ import annotations
 
 import itertools
+from datetime import datetime, timezone
 from importlib import import_module
 
 import pytest
@@ -31,10 +32,17 @@ def pytest_configure(config):
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item, nextitem):
     """With CT_TEST_CLOCK set, each test (its fixtures' setup and teardown included) runs on
-    the moved clock."""
-    if _moved_clock is None:
+    the moved clock. A test marked `within_one_period` starts clear of a month's end, on the
+    moved clock or the real one."""
+    start = _moved_clock
+    if item.get_closest_marker("within_one_period"):
+        now = start or datetime.now(timezone.utc)
+        cleared = clock.clear_of_month_end(now)
+        if cleared != now:
+            start = cleared
+    if start is None:
         return (yield)
-    with clock.clock_at(_moved_clock):
+    with clock.clock_at(start):
         return (yield)
 
 

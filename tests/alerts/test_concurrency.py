@@ -14,7 +14,7 @@ from alerts.services import alert_crossings_record, alert_deliver
 from metering.models import AuditLog, UsagePeriod
 from metering.services import account_for_user, ledger_reconcile, period_current, usage_adjust
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.within_one_period]
 THREADS = 32
 
 

@@ -29,7 +29,7 @@ from django.db import connection
 from alerts.models import AlertEvent
 from consensus_tokens.celery import app as celery_app
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True), pytest.mark.within_one_period]
 PROJECT = Path(settings.BASE_DIR)
 
 

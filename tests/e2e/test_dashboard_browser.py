@@ -15,7 +15,7 @@ from django.utils import timezone
 from metering.services import ledger_rollup_refresh
 from tests.dashboard.conftest import write_history
 
-pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True), pytest.mark.within_one_period]
 
 
 def sign_in(page, base: str, username: str, password: str = "pw-for-tests-1") -> None:

@@ -9,7 +9,7 @@ from metering.services import ledger_reconcile
 
 from .conftest import FLUSHED_APPS, consume_body, current_period, key_client, run_concurrently
 
-pytestmark = [pytest.mark.django_db(transaction=True, available_apps=FLUSHED_APPS),
+pytestmark = [pytest.mark.django_db(transaction=True, available_apps=FLUSHED_APPS), pytest.mark.within_one_period,
               pytest.mark.parametrize("fast_path", [True, False], ids=["fast", "orm"])]
 
 THREADS = 64

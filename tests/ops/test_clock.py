@@ -43,3 +43,22 @@ def test_the_clock_is_named_in_iso_8601_with_a_zone(monkeypatch):
         clock.moved_clock()
     monkeypatch.setenv("CT_TEST_CLOCK", "")
     assert clock.moved_clock() is None
+
+
+@pytest.mark.parametrize("when, starts", [
+    (datetime(2027, 12, 31, 23, 59, 59, tzinfo=timezone.utc), datetime(2028, 1, 1, 0, 10, tzinfo=timezone.utc)),
+    (datetime(2028, 2, 29, 23, 59, 30, tzinfo=timezone.utc), datetime(2028, 3, 1, 0, 10, tzinfo=timezone.utc)),
+    (datetime(2027, 1, 31, 23, 50, 1, tzinfo=timezone.utc), datetime(2027, 2, 1, 0, 10, tzinfo=timezone.utc)),
+    (datetime(2027, 1, 31, 23, 50, 0, tzinfo=timezone.utc), datetime(2027, 1, 31, 23, 50, 0, tzinfo=timezone.utc)),
+    (datetime(2027, 6, 15, tzinfo=timezone.utc), datetime(2027, 6, 15, tzinfo=timezone.utc)),
+])
+def test_a_test_within_one_period_starts_clear_of_the_month_end(when, starts):
+    assert clock.clear_of_month_end(when) == starts
+
+
+@pytest.mark.within_one_period
+def test_the_marker_moves_a_test_off_the_last_minutes_of_a_month():
+    """Meaningful in CI's runs at 23:59:30 and 23:59:59 of a month's last day."""
+    now = django_timezone.now()
+    next_month = (now.replace(day=1, hour=0, minute=0, second=0, microsecond=0) + timedelta(days=32)).replace(day=1)
+    assert next_month - now > clock.PERIOD_MARGIN - timedelta(minutes=1)

@@ -25,7 +25,7 @@ from metering.services import ledger_reconcile, usage_get
 
 from .conftest import ROOT, Load, clone_test_database, post_until_final, run_gunicorn, run_redis
 
-pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.faults, pytest.mark.django_db(transaction=True), pytest.mark.within_one_period]
 
 THREADS = 12
 OPS_PER_THREAD = 25

@@ -15,7 +15,7 @@ from metering.services import ConsumeRequest, SYSTEM, ledger_reconcile, usage_co
 
 from .conftest import run_gunicorn
 
-pytestmark = [pytest.mark.load, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.load, pytest.mark.django_db(transaction=True), pytest.mark.within_one_period]
 
 CLIENTS = 100
 
