@@ -261,6 +261,16 @@ def alerts_requeue(*, event_ids: list[int]) -> int:
     return len(ids)
 
 
+def alert_resend_by_support(*, user_id: int, event_id: int, reason: str, ctx: RequestContext) -> None:
+    """Support's "send again" for one alert, audited with who and why in the same transaction;
+    an alert already sent is refused."""
+    with transaction.atomic():
+        if not alerts_requeue(event_ids=[event_id]):
+            raise ApplicationError("That alert is no longer pending or failed.", code="invalid_request")
+        audit_record(ctx=ctx, user_id=user_id, action="alert_resend", result="queued",
+                     detail={"reason": reason, "alertId": event_id})
+
+
 @dataclass(frozen=True)
 class ResendResult:
     sent: int
@@ -361,7 +371,7 @@ def reconcile_run() -> list[Drift]:
 
 # --- anomalies -----------------------------------------------------------------------------------
 
-REFUSED_RESULTS = ("token_cap_exceeded", "insufficient", "no_allowance")
+REFUSED_RESULTS = ("token_cap_exceeded", "insufficient")
 
 
 @dataclass(frozen=True)

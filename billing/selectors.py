@@ -14,21 +14,12 @@ def billing_account_for(*, account: Account) -> BillingAccount | None:
     return BillingAccount.objects.filter(account=account).first()
 
 
-def billing_account_by_customer(*, customer_id: str) -> BillingAccount | None:
-    return BillingAccount.objects.select_related("account__tier").filter(stripe_customer_id=customer_id).first()
-
-
 def tier_price_active(*, tier: Tier, interval: str) -> TierPrice | None:
     return TierPrice.objects.filter(tier=tier, interval=interval, active=True).first()
 
 
 def tier_price_by_stripe_id(*, price_id: str) -> TierPrice | None:
     return TierPrice.objects.select_related("tier").filter(stripe_price_id=price_id).first()
-
-
-def tier_prices_for_checkout() -> QuerySet[TierPrice]:
-    """Active prices, for the dashboard's plan buttons."""
-    return TierPrice.objects.select_related("tier").filter(active=True)
 
 
 def overage_invoices(*, account: Account | None = None) -> QuerySet[OverageInvoice]:

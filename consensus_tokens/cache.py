@@ -1,8 +1,8 @@
 """Django's Redis cache backend, keeping one redis.Redis client per connection pool.
 
 Django builds a new redis.Redis object on every cache call (its constructor fills a
-table of ~170 response callbacks): 0.1-0.2 ms each time, most of what a cached
-estimate costs (bench/README.md). The client is thread-safe and the pool it wraps
+table of response callbacks) each time, most of what a cached estimate costs
+(bench/README.md). The client is thread-safe and the pool it wraps
 reconnects after a fork, so one per pool is enough."""
 from __future__ import annotations
 

@@ -58,10 +58,6 @@ class ReservationExpired(ApplicationError):
     status, code = 409, "reservation_expired"
 
 
-class NoAllowance(ApplicationError):
-    status, code = 402, "no_allowance"
-
-
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}

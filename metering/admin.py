@@ -6,7 +6,6 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.core.exceptions import PermissionDenied
-from django.db import transaction
 from django.db.models import Exists, OuterRef, Q, Value
 from django.db.models.signals import post_save
 from django.dispatch import receiver
@@ -25,13 +24,14 @@ from .services import (
     account_change_tier,
     audit_record,
     period_reset,
-    reservation_release,
+    reservation_release_by_support,
     service_key_create,
     service_key_revoke,
     tier_apply_terms,
     usage_adjust,
     usage_get,
     usage_grant,
+    usage_percentage,
     usage_status,
 )
 
@@ -338,8 +338,8 @@ class AccountAdmin(admin.ModelAdmin):
             return "–"
         if not obj.current_limit:
             return f"{obj.current_used:,}"
-        pct = round(max(0, obj.current_used) * 100 / obj.current_limit, 2)  # as Usage.percentage rounds
-        return format_html('<span class="usage-pct status-{}">{}%</span>', usage_status(pct), f"{pct:.1f}")
+        pct = usage_percentage(used=obj.current_used, limit=obj.current_limit, cap=obj.current_limit)
+        return format_html('<span class="usage-pct status-{}">{}%</span>', usage_status(pct), f"{pct:g}")
 
     @admin.display(description="period ends", ordering="current_end")
     def period_end(self, obj):
@@ -365,7 +365,7 @@ class AccountAdmin(admin.ModelAdmin):
             '<strong data-field="admin-used">{}</strong> of <strong data-field="admin-limit">{}</strong> tokens '
             '(<span class="usage-pct status-{}">{}%</span>, {}) · reserved {} · cap {} · overage {} tokens, '
             '${} so far<br>{} – {}</div>',
-            f"{usage.used:,}", f"{usage.limit:,}", usage.status, f"{usage.percentage:.1f}", usage.status,
+            f"{usage.used:,}", f"{usage.limit:,}", usage.status, f"{usage.percentage:g}", usage.status,
             f"{usage.reserved:,}", f"{usage.cap:,}", f"{usage.overage_tokens:,}",
             usage.overage_charge.quantize(Decimal("0.01")), f"{usage.period_start:%Y-%m-%d %H:%M}",
             f"{usage.period_end:%Y-%m-%d %H:%M} UTC")
@@ -461,19 +461,10 @@ class AccountAdmin(admin.ModelAdmin):
             return f"{account.user}'s current period starts again from zero."
         ctx = RequestContext(actor=actor, client_ip=request.META.get("REMOTE_ADDR") or None)
         if action == "resend-alert":
-            from alerts.services import alerts_requeue
+            from alerts.services import alert_resend_by_support
 
-            with transaction.atomic():
-                queued = alerts_requeue(event_ids=[int(data["alert"])])
-                if not queued:
-                    raise ApplicationError("That alert is no longer pending or failed.", code="invalid_request")
-                audit_record(ctx=ctx, user_id=account.user_id, action="alert_resend", result="queued",
-                             detail={"reason": reason, "alertId": int(data["alert"])})
+            alert_resend_by_support(user_id=account.user_id, event_id=int(data["alert"]), reason=reason, ctx=ctx)
             return "The alert is queued to be sent again."
         reservation = data["reservation"]
-        with transaction.atomic():
-            reservation_release(user_id=account.user_id, reservation_id=str(reservation.pk), ctx=ctx)
-            audit_record(ctx=ctx, user_id=account.user_id, action="support_release", result="recorded",
-                         tokens=reservation.tokens, operation_id=reservation.operation_id,
-                         detail={"reason": reason, "reservationId": str(reservation.pk)})
+        reservation_release_by_support(account=account, reservation=reservation, reason=reason, ctx=ctx)
         return f"Released {reservation.tokens:,} held tokens."

@@ -194,7 +194,7 @@ class LedgerEntry(models.Model):
     # No single-column indexes: ledger_account_recent and ledger_period_kind lead with
     # these columns, and every index is one more write on the consume path.
     # Foreign keys checked by PostgreSQL on every row cost a lookup and a row lock each (the
-    # period's alone was 30% of a 1,000-row ledger insert, made while the batch holds its
+    # period's alone was a large share of a 1,000-row ledger insert, made while the batch holds its
     # periods' locks; bench/README.md), so none of these is: every writer takes `period` from
     # the period row it has just locked and updated in the same transaction, and `account`
     # from that row too; `manage.py reconcile` reports a row whose period is missing or

@@ -15,7 +15,7 @@ from .keys import service_key_create, service_key_revoke
 from .reconcile import Drift, ledger_misattributed, ledger_reconcile
 from .rollover import periods_rollover  # noqa: F401  (alerts' rollover job)
 from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollup_verify
-from .staff import account_change_tier, period_reset, usage_adjust, usage_grant
+from .staff import account_change_tier, period_reset, reservation_release_by_support, usage_adjust, usage_grant
 from .usage import (
     CheckResult,
     ConsumeRequest,
@@ -28,6 +28,7 @@ from .usage import (
     usage_consume,
     usage_get,
     usage_of,
+    usage_percentage,
     usage_status,
 )
 
@@ -35,8 +36,8 @@ __all__ = [
     "MAX_BATCH", "SYSTEM", "BatchRefused", "CheckResult", "ConsumeRequest", "ConsumeResult", "Drift",
     "RequestContext", "Usage", "account_apply_terms", "account_change_tier", "account_for_user", "account_terms",
     "audit_record", "consume_refused", "ledger_misattributed", "ledger_reconcile", "period_align", "period_current", "period_reset", "provider_calibrate",
-    "reservation_release", "reservations_expire_stale", "service_key_create", "service_key_revoke",
+    "reservation_release", "reservation_release_by_support", "reservations_expire_stale", "service_key_create", "service_key_revoke",
     "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
-    "usage_get", "usage_grant", "usage_of", "usage_status",
+    "usage_get", "usage_grant", "usage_of", "usage_percentage", "usage_status",
     "RollupDrift", "RollupRun", "ledger_rollup_refresh", "ledger_rollup_verify",
 ]

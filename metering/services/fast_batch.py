@@ -15,7 +15,8 @@ from django.utils import timezone
 
 from .batch import MAX_BATCH, BatchItemResult
 from .context import RequestContext
-from .usage import ConsumeRequest, _notify_usages, format_usd, period_after_update, usage_status
+from .usage import (ConsumeRequest, _notify_usages, format_usd, period_after_update, usage_percentage,
+                    usage_status)
 
 # One read: each user's account, tier and current period, and whether every
 # operation type and provider named is known and active (evaluated once, not per row).
@@ -88,11 +89,11 @@ FROM entry JOIN upd ON upd.id = entry.period_id
 # this transaction-scoped advisory lock before its write statement. Batches that share
 # users would queue on the periods' row locks anyway, but queued there a batch locks each
 # of its 1,000 rows only after another batch changed them, and PostgreSQL re-checks every
-# such row (EvalPlanQual): 20-30% more database CPU per batch under the bench's 4
-# connections. Queued here, the write statement starts after the batch before it
+# such row (EvalPlanQual): markedly more database CPU per batch under concurrent
+# connections (bench/README.md). Queued here, the write statement starts after the batch before it
 # committed and finds its rows current. The cost: batches for disjoint users take turns
-# too, so one database writes at most one batch per write statement (about 30 ms for
-# 1,000 items here, so some 30,000 operations/s). Single consumes never take it. The
+# too, so one database writes at most one batch per write statement (its duration bounds
+# the batch throughput of a database; bench/README.md has the figures). Single consumes never take it. The
 # key is the two-int4 form, (0x6374 for "ct", 1): pick another for any other use.
 _TAKE_TURN = "SELECT pg_advisory_xact_lock(25460, 1)"
 
@@ -232,10 +233,7 @@ class _PeriodFigures:
 
     def as_api(self, used: int) -> dict[str, Any]:
         limit, cap, reserved = self.limit, self.cap, self.reserved
-        if limit <= 0:
-            percentage = 100.0 if cap <= 0 or used > 0 else 0.0
-        else:
-            percentage = (max(0, used) * 10_000 // limit) / 100
+        percentage = usage_percentage(used=used, limit=limit, cap=cap)
         over = used - limit if used > limit else 0
         return {
             "tier": self.tier,

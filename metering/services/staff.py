@@ -8,11 +8,11 @@ from django.utils import timezone
 
 from consensus_tokens.errors import ApplicationError
 
-from ..models import Account, LedgerEntry, Tier, UsagePeriod
+from ..models import Account, LedgerEntry, Reservation, Tier, UsagePeriod
 from .accounts import account_apply_terms, period_current
 from .audit import audit_record
 from .context import RequestContext
-from .usage import _notify_usage
+from .usage import _notify_usage, reservation_release
 
 
 def _require_reason(reason: str) -> None:
@@ -80,3 +80,14 @@ def account_change_tier(*, account: Account, tier: Tier | None, actor: str, reas
         audit_record(ctx=RequestContext(actor=actor), user_id=account.user_id, action="change_tier",
                      result="recorded", detail={"from": old, "to": tier.slug if tier else None, "reason": reason})
     return account
+
+
+def reservation_release_by_support(*, account: Account, reservation: Reservation, reason: str,
+                                   ctx: RequestContext) -> None:
+    """Free a stuck hold's tokens, audited with who and why, in one transaction."""
+    _require_reason(reason)
+    with transaction.atomic():
+        reservation_release(user_id=account.user_id, reservation_id=str(reservation.pk), ctx=ctx)
+        audit_record(ctx=ctx, user_id=account.user_id, action="support_release", result="recorded",
+                     tokens=reservation.tokens, operation_id=reservation.operation_id,
+                     detail={"reason": reason, "reservationId": str(reservation.pk)})

@@ -44,7 +44,7 @@ def test_account_list_shows_usage_and_searches_by_email_and_filters_flagged(supp
     bob.token_account.anomaly_hold = True
     bob.token_account.save()
     page = support.get("/admin/metering/account/").content.decode()
-    assert "95.0%" in page and "status-critical" in page
+    assert "95%" in page and "status-critical" in page
     found = support.get("/admin/metering/account/?q=alice@example.com").content.decode()
     assert "alice" in found and ">bob<" not in found
     flagged = support.get("/admin/metering/account/?flagged=yes").content.decode()
@@ -105,6 +105,18 @@ def test_reset_period_and_release_a_stuck_reservation(support, make_user, consum
     assert AuditLog.objects.filter(user=user, action="support_release", detail__reason="worker died").exists()
     assert AuditLog.objects.filter(user=user, action="reset", actor="sam").exists()
     assert ledger_reconcile() == []
+
+
+@pytest.mark.django_db
+def test_the_console_rounds_the_usage_percentage_down_as_the_api_does(support, api, make_user, consume):
+    user = make_user("pro")  # 50,000
+    consume(user, 49_999)
+    answer = api.get(f"/api/tokens/usage?userId={user.pk}").json()
+    assert (answer["usagePercentage"], answer["status"]) == (99.99, "critical")
+    listed = support.get("/admin/metering/account/").content.decode()
+    assert '<span class="usage-pct status-critical">99.99%</span>' in listed
+    page = support.get(f"/admin/metering/account/{user.token_account.pk}/change/").content.decode()
+    assert '<span class="usage-pct status-critical">99.99%</span>, critical)' in page
 
 
 @pytest.mark.django_db
