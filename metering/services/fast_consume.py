@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import IntegrityError
 from django.utils import timezone
 
+from ..thresholds import usage_thresholds
 from .context import RequestContext
 from .prepared import fetch_one_prepared
 from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response, period_after_update
@@ -90,7 +90,7 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
         "provider": request.provider, "operation_id": request.operation_id, "model": request.model,
         "estimated_tokens": request.estimated_tokens, "service_key_id": ctx.service_key_id,
         "fingerprint": request.fingerprint(), "client_ip": ctx.client_ip, "user_agent": (ctx.user_agent or "")[:300],
-        "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": list(settings.ALERT_THRESHOLDS),
+        "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": usage_thresholds(),
     }
     try:
         row = fetch_one_prepared(_CONSUME, params)

@@ -12,7 +12,8 @@ from django.db import transaction
 from alerts.models import AlertEvent
 from alerts.services import alert_crossings, alert_crossings_record
 from metering.models import UsagePeriod
-from metering.services import ConsumeRequest, RequestContext, account_for_user, usage_adjust, usage_consume_batch
+from metering.services import (ConsumeRequest, RequestContext, account_for_user, period_current, usage_adjust,
+                               usage_consume_batch)
 
 from .conftest import html_of, outbox_for
 
@@ -145,3 +146,26 @@ def test_user_without_address_is_recorded_but_skipped(consume, make_user, on_com
     on_commit(consume, user, 8_000)
     event = AlertEvent.objects.get(account__user=user)
     assert event.status == "skipped" and "no e-mail address" in event.last_error and mail.outbox == []
+
+
+def test_alerts_thresholds_reach_metering_through_its_registration_hook(make_user, settings):
+    """Metering's one-statement consume leaves a crossing of an alert threshold to the ORM path
+    (which records the alert in its transaction); alerts tells it which, not metering's reading
+    of alerts' settings."""
+    from metering.services.fast_consume import consume_fast
+    from metering.thresholds import usage_thresholds
+
+    assert usage_thresholds() == [75, 90, 100]
+    user = make_user("basic")  # limit 10,000
+    period_current(account=account_for_user(user_id=user.pk))  # the statement updates an existing period
+
+    def fast(op: str, tokens: int):
+        return consume_fast(request=ConsumeRequest(user_id=user.pk, operation_id=op, tokens=tokens,
+                                                   operation_type="summary"), ctx=RequestContext(actor="test"))
+
+    assert fast("below", 6_000) is not None  # 60%: crosses nothing, recorded in one statement
+    assert fast("to-75", 1_500) is None  # 75%: left to the ORM path
+    settings.ALERT_THRESHOLDS = [80]
+    assert usage_thresholds() == [80]
+    assert fast("to-75-again", 1_500) is not None  # 75% matters no more
+    assert fast("to-80", 500) is None
