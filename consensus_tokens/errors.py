@@ -30,34 +30,6 @@ class ApplicationError(Exception):
         self.extra = extra or {}
 
 
-class UnknownUser(ApplicationError):
-    status, code = 404, "unknown_user"
-
-
-class UnknownOperationType(ApplicationError):
-    status, code = 400, "unknown_operation_type"
-
-
-class UnknownProvider(ApplicationError):
-    status, code = 400, "unknown_provider"
-
-
-class TokenCapExceeded(ApplicationError):
-    status, code = 402, "token_cap_exceeded"
-
-
-class OperationIdConflict(ApplicationError):
-    status, code = 409, "operation_id_conflict"
-
-
-class ReservationNotFound(ApplicationError):
-    status, code = 404, "reservation_not_found"
-
-
-class ReservationExpired(ApplicationError):
-    status, code = 409, "reservation_expired"
-
-
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None,
                extra: dict[str, Any] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}

@@ -16,7 +16,7 @@ from django.db.models import Count, DecimalField, ExpressionWrapper, F, OuterRef
 from django.db.models.functions import Coalesce, Greatest, TruncDate
 from django.utils import timezone
 
-from consensus_tokens.errors import UnknownUser
+from .errors import UnknownUser
 
 from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Tier, UsagePeriod
 

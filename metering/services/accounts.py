@@ -9,7 +9,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from consensus_tokens.errors import UnknownUser
+from ..errors import UnknownUser
 
 from ..models import Account, Tier, UsagePeriod, tier_cap
 from ..periods import bounds_for

@@ -14,7 +14,7 @@ from django.db.models import Sum
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
-from consensus_tokens.errors import UnknownProvider
+from ..errors import UnknownProvider
 
 from .. import estimation
 from ..models import LedgerEntry, OperationType, Provider

@@ -21,8 +21,8 @@ from django.db.models.base import ModelState
 from django.db.models import F
 from django.utils import timezone
 
-from consensus_tokens.errors import (
-    ApplicationError,
+from consensus_tokens.errors import ApplicationError
+from ..errors import (
     OperationIdConflict,
     ReservationExpired,
     ReservationNotFound,
