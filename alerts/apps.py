@@ -10,7 +10,8 @@ class AlertsConfig(AppConfig):
 
         from metering.thresholds import register_usage_thresholds
 
-        from . import receivers  # noqa: F401  (connects the metering signal receivers)
+        from . import metrics, receivers  # noqa: F401  (receivers connects to metering's signals)
 
         # Metering's fast consume leaves a crossing of these to the path that signals it.
         register_usage_thresholds(lambda: settings.ALERT_THRESHOLDS)
+        metrics.connect()

@@ -8,9 +8,10 @@ class BillingConfig(AppConfig):
     def ready(self) -> None:
         from metering.periods import register_period_bounds
 
-        from . import webhooks  # noqa: F401  (connects the dj-stripe signal receivers)
+        from . import metrics, webhooks  # noqa: F401  (webhooks connects the dj-stripe signal receivers)
         from .services import subscription_period_bounds
 
         # A lazily opened period of a subscribed account follows its Stripe subscription;
         # accounts without one keep calendar months.
         register_period_bounds(subscription_period_bounds)
+        metrics.connect()

@@ -1,4 +1,4 @@
-"""The project's own app config: connects the metrics and rate limit receivers and
+"""The project's own app config: connects the rate limit receivers and
 registers the OpenAPI extensions once Django is ready."""
 from django.apps import AppConfig
 
@@ -9,7 +9,6 @@ class OpsConfig(AppConfig):
     verbose_name = "Consensus Tokens operations"
 
     def ready(self) -> None:
-        from consensus_tokens import metrics, ratelimit, schema  # noqa: F401 - schema registers its extension
+        from consensus_tokens import ratelimit, schema  # noqa: F401 - schema registers its extension
 
-        metrics.connect_receivers()
         ratelimit.connect_receivers()

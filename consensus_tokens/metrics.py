@@ -17,11 +17,9 @@ import os
 import time
 
 from django.conf import settings
-from django.db import transaction
 from django.http import HttpResponse, JsonResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from consensus_tokens.errors import error_body
 
@@ -85,66 +83,29 @@ class RequestMetricsMiddleware:
 # --- state read from the database at scrape time -------------------------------------------------
 
 class DatabaseCollector:
-    """Reservations by status, Stripe webhook triggers by outcome, alert events by kind
-    and status, overage invoice items by state: counted in the database, so the same
-    whichever worker is scraped and right after a restart."""
+    """What the apps count in the database at scrape time (reservations, webhook deliveries,
+    alert events, overage invoices), so a figure is the same whichever worker is scraped and
+    right after a restart. Each app registers its own collector (an object with describe()
+    and collect(), as prometheus_client wants) from its AppConfig.ready."""
+
+    def __init__(self) -> None:
+        self.collectors: list = []
+
+    def register(self, collector) -> None:
+        if collector not in self.collectors:
+            self.collectors.append(collector)
 
     def describe(self):
         """The names, without a query: registering a collector otherwise calls collect()."""
-        return [GaugeMetricFamily("ct_reservations_open", ""), GaugeMetricFamily("ct_reservations_open_tokens", ""),
-                CounterMetricFamily("ct_reservations_finished", ""), CounterMetricFamily("ct_webhook_triggers", ""),
-                CounterMetricFamily("ct_alert_events", ""), CounterMetricFamily("ct_overage_invoice_items", ""),
-                CounterMetricFamily("ct_overage_invoiced_cents", "")]
+        return [family for collector in self.collectors for family in collector.describe()]
 
     def collect(self):
-        from django.db.models import Count, Q, Sum
-        from djstripe.models import WebhookEventTrigger
-
-        from metering.models import Reservation
-
-        rows = Reservation.objects.values("status").annotate(n=Count("id"), tokens=Sum("tokens"))
-        counts = {row["status"]: (row["n"], row["tokens"] or 0) for row in rows}
-        held, held_tokens = counts.get(Reservation.Status.HELD, (0, 0))
-        open_ = GaugeMetricFamily("ct_reservations_open", "Holds currently placed.")
-        open_.add_metric([], held)
-        yield open_
-        open_tokens = GaugeMetricFamily("ct_reservations_open_tokens", "Tokens held by open reservations.")
-        open_tokens.add_metric([], held_tokens)
-        yield open_tokens
-        finished = CounterMetricFamily("ct_reservations_finished", "Holds that ended, by how.", labels=["status"])
-        for status in (Reservation.Status.SETTLED, Reservation.Status.RELEASED, Reservation.Status.EXPIRED):
-            finished.add_metric([status], counts.get(status, (0, 0))[0])
-        yield finished
-        triggers = WebhookEventTrigger.objects.aggregate(
-            processed=Count("id", filter=Q(valid=True, processed=True)),
-            failed=Count("id", filter=~Q(exception="")),
-            invalid=Count("id", filter=Q(valid=False)))
-        stored = CounterMetricFamily("ct_webhook_triggers", "Stripe webhook deliveries stored by dj-stripe.",
-                                     labels=["result"])
-        for result, n in triggers.items():
-            stored.add_metric([result], n)
-        yield stored
-        from alerts.models import AlertEvent
-
-        events = CounterMetricFamily("ct_alert_events", "Alerts recorded, by kind and delivery status.",
-                                     labels=["kind", "status"])
-        for kind, status, n in AlertEvent.objects.values_list("kind", "status").annotate(n=Count("id")).order_by():
-            events.add_metric([kind, status], n)
-        yield events
-        from billing.models import OverageInvoice
-
-        rows = OverageInvoice.objects.values_list("state").annotate(n=Count("id"), cents=Sum("amount_cents")).order_by()
-        items = CounterMetricFamily("ct_overage_invoice_items", "Overage invoice items, by state.", labels=["state"])
-        cents = CounterMetricFamily("ct_overage_invoiced_cents", "Overage billed through Stripe, in US cents, by "
-                                    "state of its invoice item.", labels=["state"])
-        for state, n, amount in rows:
-            items.add_metric([state], n)
-            cents.add_metric([state], amount or 0)
-        yield items
-        yield cents
+        for collector in self.collectors:
+            yield from collector.collect()
 
 
 _database = DatabaseCollector()
+register_database_metrics = _database.register
 REGISTRY.register(_database)  # single process: the default registry serves it all
 
 
@@ -169,50 +130,3 @@ def metrics_view(request):
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return JsonResponse(error_body("not_authenticated", "A metrics token is required."), status=401)
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)
-
-
-# --- receivers: counting what other parts announce -----------------------------------------------
-
-def _on_usage_recorded(sender, period, used_before, **kwargs) -> None:
-    grown = period.used - used_before
-    if grown > 0:
-        transaction.on_commit(lambda: tokens_consumed.inc(grown))
-
-
-def _on_usage_recorded_many(sender, changes, **kwargs) -> None:
-    grown = sum(period.used - used_before for period, used_before in changes)
-    if grown > 0:
-        transaction.on_commit(lambda: tokens_consumed.inc(grown))
-
-
-def _on_webhook_validated(sender, instance, valid, **kwargs) -> None:
-    if not valid:
-        webhooks.labels(result="invalid").inc()
-
-
-def _on_webhook_processed(sender, instance, **kwargs) -> None:
-    transaction.on_commit(webhook_processed)
-
-
-def _on_webhook_error(sender, instance, **kwargs) -> None:
-    webhook_failed()
-
-
-def connect_receivers() -> None:
-    from djstripe import signals as djstripe_signals
-
-    from metering.signals import usage_recorded, usage_recorded_many
-
-    # Known label values start at 0, so a scrape shows them before the first event.
-    for result in ("processed", "failed", "invalid"):
-        webhooks.labels(result=result)
-    from alerts.models import AlertEvent
-
-    for kind in AlertEvent.Kind.values:
-        alerts_sent.labels(kind=kind)
-
-    usage_recorded.connect(_on_usage_recorded, dispatch_uid="metrics.tokens_consumed")
-    usage_recorded_many.connect(_on_usage_recorded_many, dispatch_uid="metrics.tokens_consumed_many")
-    djstripe_signals.webhook_post_validate.connect(_on_webhook_validated, dispatch_uid="metrics.webhook_valid")
-    djstripe_signals.webhook_post_process.connect(_on_webhook_processed, dispatch_uid="metrics.webhook_processed")
-    djstripe_signals.webhook_processing_error.connect(_on_webhook_error, dispatch_uid="metrics.webhook_error")
