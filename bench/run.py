@@ -181,7 +181,7 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
             f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}")
 
     # Warm every worker: imports, connections, tiktoken-free paths, plan caches, and each
-    # worker's cached rate limits of the load users (ratelimit._TierLimits), as a worker
+    # worker's cached rate limits of the load users (metering/throttling.py's _TierLimits), as a worker
     # that has been up a while has them. A request reaches a random worker, so a user
     # needs ~13 requests before all 5 workers have seen it with 95% odds: 20 s of consumes
     # (~13,000 at this machine's rate) for the 1,000 load users; 2 s left most workers cold.

@@ -1,5 +1,5 @@
-"""The project's own app config: connects the rate limit receivers and
-registers the OpenAPI extensions once Django is ready."""
+"""The project's own app config (the kernel: errors, logging, middleware, renderers, rate-limit
+counting, health and metrics; it imports no app)."""
 from django.apps import AppConfig
 
 
@@ -7,8 +7,3 @@ class OpsConfig(AppConfig):
     name = "consensus_tokens"
     label = "consensus_tokens"
     verbose_name = "Consensus Tokens operations"
-
-    def ready(self) -> None:
-        from consensus_tokens import ratelimit, schema  # noqa: F401 - schema registers its extension
-
-        ratelimit.connect_receivers()

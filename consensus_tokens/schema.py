@@ -1,18 +1,8 @@
-"""OpenAPI generation (drf-spectacular): the service-key auth scheme, and component
-names that stay unique when every view nests its own InputSerializer/OutputSerializer."""
+"""OpenAPI generation (drf-spectacular): component names that stay unique when every view
+nests its own InputSerializer/OutputSerializer (metering/auth.py describes its auth scheme)."""
 from __future__ import annotations
 
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
-
-
-class ServiceKeyScheme(OpenApiAuthenticationExtension):
-    target_class = "consensus_tokens.auth.ServiceKeyAuthentication"
-    name = "ServiceKey"
-
-    def get_security_definition(self, auto_schema):
-        return {"type": "apiKey", "in": "header", "name": "Authorization",
-                "description": "`Api-Key <key>`: a backend service's key (scope `read` or `consume`)."}
 
 
 class AutoSchema(SpectacularAutoSchema):

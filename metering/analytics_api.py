@@ -11,7 +11,7 @@ from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from consensus_tokens.auth import CanReadFor
+from metering.auth import CanReadFor
 
 from . import selectors
 from .api import ERRORS, JsonApi, _valid, user_id_for

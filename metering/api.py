@@ -16,11 +16,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from consensus_tokens.auth import CanConsume, CanReadFor, ServicePrincipal
 from consensus_tokens.errors import ApplicationError, validation_fields
 
 from . import selectors, services
+from .auth import CanConsume, CanReadFor
+from .principals import ServicePrincipal
 from .services import ConsumeRequest, RequestContext
+from .services.context import request_context
 from .fast_validation import plain_validator
 from .services.audit import known_user_id
 
@@ -66,17 +68,6 @@ def _holds_surrogates(data: Any) -> bool:
 
 class JsonApi(APIView):
     parser_classes = [StrictJSONParser]
-
-
-def request_context(request: Request) -> RequestContext:
-    principal = request.user
-    return RequestContext(
-        service_key_id=principal.key.pk if isinstance(principal, ServicePrincipal) else None,
-        client_ip=request.META.get("REMOTE_ADDR") or None,
-        user_agent=request.META.get("HTTP_USER_AGENT", ""),
-        request_id=getattr(request._request, "request_id", ""),
-        actor="" if isinstance(principal, ServicePrincipal) else str(principal),
-    )
 
 
 def user_id_for(request: Request, user_id: int | None) -> int:

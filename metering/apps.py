@@ -6,6 +6,7 @@ class MeteringConfig(AppConfig):
     verbose_name = "Metering"
 
     def ready(self) -> None:
-        from . import metrics
+        from . import auth, metrics, throttling  # noqa: F401  (auth describes its scheme to the schema)
 
         metrics.connect()
+        throttling.connect_receivers()

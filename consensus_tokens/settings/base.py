@@ -33,6 +33,7 @@ INSTALLED_APPS = [
     "metering",
     "billing",
     "alerts",
+    "console",
     "consensus_tokens.apps.OpsConfig",
 ]
 
@@ -164,15 +165,15 @@ ANOMALY_HOLD = env.bool("ANOMALY_HOLD", default=False)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "consensus_tokens.auth.ServiceKeyAuthentication",
+        "metering.auth.ServiceKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_RENDERER_CLASSES": ["consensus_tokens.renderers.FastJSONRenderer"],  # DRF's JSON, written by orjson
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "EXCEPTION_HANDLER": "consensus_tokens.errors.exception_handler",
-    # Limits only the paths in RATELIMIT_API_PREFIXES (consensus_tokens/ratelimit.py).
-    "DEFAULT_THROTTLE_CLASSES": ["consensus_tokens.ratelimit.TokenRateThrottle"],
+    # Limits only the paths in RATELIMIT_API_PREFIXES (metering/throttling.py).
+    "DEFAULT_THROTTLE_CLASSES": ["metering.throttling.TokenRateThrottle"],
     "DEFAULT_SCHEMA_CLASS": "consensus_tokens.schema.AutoSchema",
     "UNAUTHENTICATED_USER": None,
 }
@@ -185,7 +186,7 @@ SPECTACULAR_SETTINGS = {
 
 # Metering
 MAX_TOKENS_PER_REQUEST = env.int("MAX_TOKENS_PER_REQUEST", default=1_000_000)
-# How long a web process keeps a service key row (consensus_tokens/auth.py): a revoked
+# How long a web process keeps a service key row (metering/auth.py): a revoked
 # key is refused by every process within this many seconds. 0 reads it on every request.
 SERVICE_KEY_CACHE_SECONDS = env.float("SERVICE_KEY_CACHE_SECONDS", default=5)
 RESERVATION_TTL_SECONDS = env.int("RESERVATION_TTL_SECONDS", default=15 * 60)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ..principals import ServicePrincipal
 
 
 @dataclass(frozen=True)
@@ -15,3 +18,15 @@ class RequestContext:
 
 
 SYSTEM = RequestContext(actor="system")
+
+
+def request_context(request: Any) -> RequestContext:
+    """Who a DRF request comes from, as ledger and audit rows record it."""
+    principal = request.user
+    return RequestContext(
+        service_key_id=principal.key.pk if isinstance(principal, ServicePrincipal) else None,
+        client_ip=request.META.get("REMOTE_ADDR") or None,
+        user_agent=request.META.get("HTTP_USER_AGENT", ""),
+        request_id=getattr(request._request, "request_id", ""),
+        actor="" if isinstance(principal, ServicePrincipal) else str(principal),
+    )

@@ -28,6 +28,7 @@ from django.conf import settings
 from django.db import connection
 
 from consensus_tokens import ratelimit
+from metering import throttling
 
 ROOT = Path(__file__).resolve().parents[2]
 # scripts/test.sh says where the server binaries are and whom to run them as (see scripts/services.sh).
@@ -38,11 +39,11 @@ PG_USER = os.environ.get("CT_PG_USER", "postgres")
 @pytest.fixture(autouse=True)
 def _fresh_rate_limit_state():
     """Each test starts with no cached tier limits and the store's breaker closed."""
-    ratelimit.tier_limits.clear()
+    throttling.tier_limits.clear()
     ratelimit._breaker.open_until = 0.0
     ratelimit._breaker.last_warning = 0.0
     yield
-    ratelimit.tier_limits.clear()
+    throttling.tier_limits.clear()
     ratelimit._breaker.open_until = 0.0
 
 

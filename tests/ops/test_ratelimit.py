@@ -21,8 +21,8 @@ from rest_framework.test import APIClient, APIRequestFactory
 from billing.models import BillingAccount
 from billing.services import subscriptions_expire
 from consensus_tokens import metrics
-from consensus_tokens.auth import ServiceKeyAuthentication
-from consensus_tokens.ratelimit import TokenRateThrottle
+from metering.auth import ServiceKeyAuthentication
+from metering.throttling import TokenRateThrottle
 from metering.models import Account, AuditLog, LedgerEntry, ServiceKey, Tier
 from metering.services import service_key_create, usage_get
 from metering.services.keys import hash_key
@@ -317,13 +317,13 @@ def test_windows_are_django_ratelimits(settings):
     jitter), computed for a whole batch at once."""
     from django_ratelimit.core import _get_window
 
-    from consensus_tokens.ratelimit import _limit_entries
+    from consensus_tokens.ratelimit import limit_entries
 
     specs = [("user", uid) for uid in (1, 42, 98765, 2**40)] + [("service_key", 7)]
     for period in (1, 60, 3600):
         while True:  # both read the clock: retry if a second ended in between
             ts = int(time.time())
-            entries = _limit_entries(specs, period, ts)
+            entries = limit_entries(specs, period, ts)
             expected = [_get_window(str(value), period) for _, value in specs]
             if int(time.time()) == ts:
                 break

@@ -14,10 +14,12 @@ from datetime import timedelta
 from django.conf import settings
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework import authentication, exceptions, permissions
 
-from metering.models import ServiceKey
-from metering.services.keys import hash_key
+from .models import ServiceKey
+from .principals import ServicePrincipal
+from .services.keys import hash_key
 
 # last_used_at is written at most this often per key, to keep writes off the hot path.
 LAST_USED_RESOLUTION = timedelta(minutes=1)
@@ -82,21 +84,6 @@ def _touch(key: ServiceKey) -> None:
     _last_used_written[key.pk] = mono
 
 
-class ServicePrincipal:
-    """The authenticated caller when a service key is used."""
-
-    is_authenticated = True
-    is_active = True
-    is_staff = False
-    pk = None
-
-    def __init__(self, key: ServiceKey) -> None:
-        self.key = key
-
-    def __str__(self) -> str:
-        return f"service:{self.key.name}"
-
-
 class ServiceKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Api-Key"
 
@@ -137,3 +124,13 @@ class CanConsume(permissions.BasePermission):
     def has_permission(self, request, view) -> bool:
         return isinstance(request.user, ServicePrincipal) and request.user.key.scope == ServiceKey.Scope.CONSUME
 
+
+class ServiceKeyScheme(OpenApiAuthenticationExtension):
+    """The service-key scheme in the OpenAPI schema (drf-spectacular finds it by its target)."""
+
+    target_class = "metering.auth.ServiceKeyAuthentication"
+    name = "ServiceKey"
+
+    def get_security_definition(self, auto_schema):
+        return {"type": "apiKey", "in": "header", "name": "Authorization",
+                "description": "`Api-Key <key>`: a backend service's key (scope `read` or `consume`)."}
