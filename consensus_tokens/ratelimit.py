@@ -29,6 +29,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.cache import caches
+from django.dispatch import Signal
 from django.http import HttpResponse, JsonResponse
 from django.utils.html import escape
 from django_ratelimit.core import get_usage
@@ -233,6 +234,9 @@ def counters_give_back(keys: list[str]) -> None:
 
 # --- per IP on sign-in and password reset --------------------------------------------------------
 
+# Sent when a sign-in or password reset is refused for its address (metering audits it).
+ip_rate_limited = Signal()  # request, action ("login" | "password_reset")
+
 def _client_ip_group(path: str) -> str:
     return f"ct:ip:{path}"
 
@@ -276,13 +280,8 @@ class RateLimitMiddleware:
         if not usage["should_limit"]:
             return None
         metrics.ratelimit_refused.labels(scope="ip").inc()
-        from metering.services import RequestContext, audit_record
-
         action = "password_reset" if "password" in request.path_info else "login"
-        audit_record(ctx=RequestContext(client_ip=request.META.get("REMOTE_ADDR") or None,
-                                        user_agent=request.META.get("HTTP_USER_AGENT", ""),
-                                        request_id=getattr(request, "request_id", "")),
-                     user_id=None, action=action, result="rate_limited", detail={"path": request.path_info})
+        ip_rate_limited.send(sender=type(self), request=request, action=action)
         message = f"Too many attempts from your address; retry in {state.retry_after()} s."
         if "application/json" in request.headers.get("Accept", ""):
             response = JsonResponse(error_body("rate_limited", message), status=429)

@@ -12,12 +12,14 @@ from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models.signals import post_delete, post_save
 from rest_framework.exceptions import ParseError
 from rest_framework.throttling import BaseThrottle
 
 from consensus_tokens import metrics
 from consensus_tokens.ratelimit import (
     HOUR,
+    ip_rate_limited,
     LimitState,
     RateLimited,
     counters_give_back,
@@ -28,7 +30,7 @@ from consensus_tokens.ratelimit import (
 
 from .models import Account, Tier
 from .principals import ServicePrincipal
-from .services import audit_record
+from .services import RequestContext, audit_record
 from .services.context import request_context
 
 
@@ -135,15 +137,23 @@ def _publish_change(using: str) -> None:
         transaction.on_commit(limits_changed, using=using)
 
 
+def _audit_ip_refusal(sender, request, action: str, **kwargs) -> None:
+    audit_record(ctx=RequestContext(client_ip=request.META.get("REMOTE_ADDR") or None,
+                                    user_agent=request.META.get("HTTP_USER_AGENT", ""),
+                                    request_id=getattr(request, "request_id", "")),
+                 user_id=None, action=action, result="rate_limited", detail={"path": request.path_info})
+
+
 def connect_receivers() -> None:
     """Tier and Account changes bump the limits version (QuerySet.update() sends no
-    signal: code that updates these fields that way calls limits_changed() itself)."""
-    from django.db.models.signals import post_delete, post_save
-
+    signal: code that updates these fields that way calls limits_changed() itself); a
+    sign-in refused for its address is audited."""
     for model in (Tier, Account):
         post_save.connect(_on_limit_row_saved, sender=model, dispatch_uid=f"ratelimit.limits.{model.__name__}.save")
         post_delete.connect(_on_limit_row_deleted, sender=model,
                             dispatch_uid=f"ratelimit.limits.{model.__name__}.delete")
+    ip_rate_limited.connect(_audit_ip_refusal, dispatch_uid="ratelimit.ip_refusal_audit")
+
 
 _MAX_USER_ID = 2**63 - 1
 

@@ -23,7 +23,16 @@ trap 'exit 143' TERM
 ct_services_ensure
 ct_browser_ensure
 export DATABASE_URL REDIS_URL
-echo "test: setup took $((SECONDS - t0)) s; running pytest $*"
+echo "test: setup took $((SECONDS - t0)) s"
+
+# The apps depend one way (pyproject.toml's [tool.importlinter] contracts): a wrong import fails here.
+if ! contracts=$(lint-imports --no-cache 2>&1); then
+  echo "$contracts" >&2
+  echo "test: an import breaks the apps' one-way dependencies (above); fix it before the tests run" >&2
+  exit 1
+fi
+echo "test: import contracts kept ($(grep -o '[0-9]* kept' <<<"$contracts"))"
+echo "test: running pytest $*"
 
 # A test that hangs fails on its own after PYTEST_TIMEOUT seconds (pytest-timeout)
 # instead of stalling the run; in CI the slowest tests are named, so the suite's
