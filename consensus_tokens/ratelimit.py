@@ -177,13 +177,24 @@ def counters_hit(entries: list[tuple[str, int]]) -> tuple[list[int], int | None]
         return None
 
 
+# What each process keeps of the limits (metering's users' tier limits): emptied by limits_changed().
+_local_limit_caches: list = []
+
+
+def register_local_limits(clear) -> None:
+    """clear() empties a per-process copy of limits; limits_changed() calls it."""
+    if clear not in _local_limit_caches:
+        _local_limit_caches.append(clear)
+
+
 def limits_changed() -> None:
-    """Something that decides a user's request limit changed (a tier's requests_per_hour,
-    an account's tier, the default tier): drop this process's cached limits and bump the
+    """Something that decides a request limit changed (a tier's requests_per_hour, an
+    account's tier, the default tier): drop this process's cached limits and bump the
     limits version, so every other worker drops its own at its next counted request.
-    Call it after the change is committed (the receivers below do), or other workers
+    Call it after the change is committed (metering's receivers do), or other workers
     may read the old rows again."""
-    tier_limits.clear()
+    for clear in _local_limit_caches:
+        clear()
     try:
         client = _redis_client(caches[settings.RATELIMIT_USE_CACHE])
         if client is not None:

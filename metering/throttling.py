@@ -26,6 +26,7 @@ from consensus_tokens.ratelimit import (
     counters_hit,
     limit_entries,
     limits_changed,
+    register_local_limits,
 )
 
 from .models import Account, Tier
@@ -153,6 +154,7 @@ def connect_receivers() -> None:
         post_delete.connect(_on_limit_row_deleted, sender=model,
                             dispatch_uid=f"ratelimit.limits.{model.__name__}.delete")
     ip_rate_limited.connect(_audit_ip_refusal, dispatch_uid="ratelimit.ip_refusal_audit")
+    register_local_limits(tier_limits.clear)
 
 
 _MAX_USER_ID = 2**63 - 1
@@ -225,7 +227,7 @@ class TokenRateThrottle(BaseThrottle):
     def allow_request(self, request, view) -> bool:
         if not settings.RATELIMIT_ENABLE or not request.path_info.startswith(settings.RATELIMIT_API_PREFIXES):
             return True
-            principal = request.user
+        principal = request.user
         key = principal.key if isinstance(principal, ServicePrincipal) else None
         parse_error = None
         try:
