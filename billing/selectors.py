@@ -1,9 +1,10 @@
 """Reads for billing: admin, dashboard and services read through these."""
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from metering.models import Account, Tier
 
@@ -25,6 +26,19 @@ def tier_price_by_stripe_id(*, price_id: str) -> TierPrice | None:
 def overage_invoices(*, account: Account | None = None) -> QuerySet[OverageInvoice]:
     qs = OverageInvoice.objects.select_related("period", "billing_account__account__user")
     return qs.filter(billing_account__account=account) if account is not None else qs
+
+
+def overage_invoices_needing_retry(*, now: datetime) -> QuerySet[OverageInvoice]:
+    """Failed items, and started ones left over an hour: a Stripe call that crashed."""
+    stuck = Q(state=OverageInvoice.State.STARTED, created_at__lt=now - timedelta(hours=1))
+    return overage_invoices().filter(Q(state=OverageInvoice.State.FAILED) | stuck)
+
+
+def webhook_triggers_failed(*, since: datetime) -> QuerySet[Any]:
+    """Valid Stripe webhooks received since then that were not processed."""
+    from djstripe.models import WebhookEventTrigger
+
+    return WebhookEventTrigger.objects.filter(created__gte=since, valid=True, processed=False)
 
 
 def billing_summary(*, account: Account) -> dict[str, Any]:

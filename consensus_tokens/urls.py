@@ -5,7 +5,6 @@ from drf_spectacular.views import SpectacularAPIView
 
 from consensus_tokens import health, metrics
 from consensus_tokens.errors import error_body
-from metering import dashboard
 
 
 def not_found(request, exception=None):
@@ -31,9 +30,8 @@ urlpatterns = [
     # The token API first: the busiest routes resolve without trying the others.
     path("api/tokens/", include("metering.urls")),
     path("admin/", admin.site.urls),
-    path("", dashboard.home, name="home"),
+    path("", include("console.urls")),  # `/` and the dashboard
     path("accounts/", include("django.contrib.auth.urls")),
-    path("dashboard/", include("metering.dashboard_urls")),
     path("alerts/", include("alerts.urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("health/live", health.live, name="health-live"),

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from .errors import UnknownUser
 
-from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Tier, UsagePeriod
+from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Reservation, Tier, UsagePeriod
 
 
 def _as_datetime(value: date | datetime, *, end: bool = False) -> datetime:
@@ -374,6 +374,11 @@ def accounts_for_console(*, now: datetime | None = None):
             .annotate(current_used=Subquery(current.values("used")[:1]),
                       current_limit=Subquery(current.values("token_limit")[:1]),
                       current_end=Subquery(current.values("ends_at")[:1])))
+
+
+def reservations_held(*, account: Account) -> QuerySet[Reservation]:
+    """The account's reservations still holding tokens, oldest first."""
+    return Reservation.objects.filter(account=account, status=Reservation.Status.HELD).order_by("created_at")
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 from datetime import date, datetime, timezone as dt_timezone
 from decimal import Decimal
 
-from metering.charts import daily_chart, nice_ceiling
+from console.charts import daily_chart, nice_ceiling
 from metering.selectors import usage_forecast
-from metering.templatetags.usage_format import cents_usd, rate, signed, thousands, usd
+from console.templatetags.usage_format import cents_usd, rate, signed, thousands, usd
 
 START = datetime(2026, 11, 1, tzinfo=dt_timezone.utc)
 END = datetime(2026, 12, 1, tzinfo=dt_timezone.utc)

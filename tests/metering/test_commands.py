@@ -19,7 +19,7 @@ from rest_framework.test import APIClient
 
 from metering.models import LedgerEntry, UsagePeriod
 from metering.services import account_for_user, ledger_reconcile, usage_get
-from metering.services.support import SUPPORT_GROUP
+from console.services import SUPPORT_GROUP
 
 from .conftest import FLUSHED_APPS, consume_body, key_client
 

@@ -20,10 +20,14 @@ from django.utils import timezone
 from django.views import View
 from django.views.generic import TemplateView
 
+from alerts.selectors import PREFERENCE_KINDS, alert_preferences_get
+from alerts.services import alert_preferences_update
+from billing.selectors import billing_summary
 from consensus_tokens.errors import ApplicationError
+from metering import selectors, services
+from metering.models import Tier, UsagePeriod
 
-from . import charts, selectors, services
-from .models import Tier, UsagePeriod
+from . import charts
 
 
 def home(request: HttpRequest) -> HttpResponse:
@@ -79,22 +83,6 @@ def _plan(account, tiers: list[Tier], billing: dict[str, Any] | None) -> dict[st
     }
 
 
-def _billing_summary(account) -> dict[str, Any] | None:
-    try:
-        from billing.selectors import billing_summary
-    except ImportError:  # billing not installed: the plan card shows the account's own status
-        return None
-    return billing_summary(account=account)
-
-
-def _alert_preferences(user) -> Any:
-    try:
-        from alerts.selectors import alert_preferences_get
-    except ImportError:
-        return None
-    return alert_preferences_get(user=user)
-
-
 class DashboardView(LoginRequiredMixin, TemplateView):
     template_name = "dashboard/dashboard.html"
 
@@ -147,8 +135,8 @@ class DashboardView(LoginRequiredMixin, TemplateView):
             "activity": activity, "activity_filter": activity_filter,
             "activity_query": query.urlencode(), "filtered": bool(filters and any(filters.values())),
             "periods": selectors.periods_recent(account_id=account.pk),
-            "plan": _plan(account, tiers, _billing_summary(account)),
-            "preferences": _alert_preferences(user),
+            "plan": _plan(account, tiers, billing_summary(account=account)),
+            "preferences": alert_preferences_get(user=user),
         })
         return context
 
@@ -170,9 +158,6 @@ class AlertPreferencesView(LoginRequiredMixin, View):
     """POST from the dashboard's e-mail preferences form (unchecked boxes are off)."""
 
     def post(self, request: HttpRequest) -> HttpResponse:
-        from alerts.selectors import PREFERENCE_KINDS
-        from alerts.services import alert_preferences_update
-
         changes = {kind: _optional_bool(request.POST.get(kind)) for kind in PREFERENCE_KINDS}
         try:
             alert_preferences_update(user=request.user, **changes)

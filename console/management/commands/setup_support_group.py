@@ -1,6 +1,6 @@
 from django.core.management.base import BaseCommand
 
-from metering.services.support import support_group_ensure
+from console.services import support_group_ensure
 
 
 class Command(BaseCommand):

@@ -15,11 +15,11 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
+from console.services import support_group_ensure
 from metering.models import Account, LedgerEntry, ServiceKey, Tier, UsagePeriod
 from metering.periods import calendar_month
 from metering.services import account_terms, ledger_rollup_refresh, period_current
 from metering.services.keys import hash_key
-from metering.services.support import support_group_ensure
 
 DEMO_USERS = [
     # username, tier, share of the limit used in the current period, in the two before
