@@ -14,7 +14,7 @@ from metering.periods import calendar_month
 from metering.services import account_apply_terms, account_for_user, period_align
 
 from .. import stripe_client
-from ..models import BillingAccount, SubscriptionPeriod
+from ..models import BillingAccount, SubscriptionPeriod, TierPrice
 from ..selectors import tier_price_by_stripe_id
 from .common import ACCOUNT_STATUS, SubscriptionState, add_months, tier_rank
 from .overage import overage_bill_account_on_commit
@@ -82,6 +82,30 @@ def subscription_apply(*, subscription_id: str, now: datetime | None = None) -> 
     changes nothing; a state whose period is older than the one we have is ignored.
     """
     now = now or timezone.now()
+    found = _subscription_to_apply(subscription_id)
+    if isinstance(found, str):
+        return found
+    state, billing, tier_price = found
+    with transaction.atomic():
+        billing = BillingAccount.objects.select_for_update().get(pk=billing.pk)
+        account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=billing.account_id)
+        ignored = _ignored_because(billing=billing, state=state)
+        if ignored:
+            return ignored
+        if state.status in ("incomplete", "incomplete_expired"):
+            _record_incomplete(billing=billing, state=state)
+            return "incomplete"
+        new_period = _starts_new_period(billing=billing, state=state)
+        if state.status == "canceled":
+            return _subscription_ended(billing=billing, account=account, state=state, now=now)
+        _follow(billing=billing, account=account, state=state, tier=tier_price.tier, new_period=new_period, now=now)
+    if new_period:
+        overage_bill_account_on_commit(account_id=billing.account_id)
+    return "applied"
+
+
+def _subscription_to_apply(subscription_id: str) -> tuple[SubscriptionState, BillingAccount, TierPrice] | str:
+    """The subscription, its account and its tier's price; or why there is nothing to apply."""
     data = _subscription_data(subscription_id)
     if data is None:
         logger.warning("subscription %s not found; nothing applied", subscription_id)
@@ -99,63 +123,67 @@ def subscription_apply(*, subscription_id: str, now: datetime | None = None) -> 
     if state.period_start is None or state.period_end is None:
         logger.error("subscription %s has no current period; ignored", state.id)
         return "no_period"
+    return state, billing, tier_price
 
-    new_period = False
-    with transaction.atomic():
-        billing = BillingAccount.objects.select_for_update().get(pk=billing.pk)
-        account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=billing.account_id)
-        other = billing.stripe_subscription_id and billing.stripe_subscription_id != state.id
-        if other and (state.status not in ("active", "trialing", "past_due") or (
-                billing.current_period_start and state.period_start < billing.current_period_start)):
-            logger.info("subscription %s is not the account's current one (%s); ignored", state.id,
-                        billing.stripe_subscription_id)
-            return "other_subscription"
-        if not other and billing.current_period_start and state.period_start < billing.current_period_start:
-            logger.info("subscription %s: period %s is older than the applied %s; stale, ignored", state.id,
-                        state.period_start, billing.current_period_start)
-            return "stale"
-        if state.status in ("incomplete", "incomplete_expired"):
-            # The first payment has not gone through: nothing is granted yet.
-            if not billing.stripe_subscription_id:
-                billing.stripe_subscription_id = state.id
-                billing.subscription_status = state.status
-                billing.save(update_fields=["stripe_subscription_id", "subscription_status", "updated_at"])
-            return "incomplete"
 
-        new_period = bool(other) or billing.current_period_start is None or \
-            state.period_start > billing.current_period_start
-        if state.status == "canceled":
-            result = _subscription_ended(billing=billing, account=account, state=state, now=now)
-            return result
+def _ignored_because(*, billing: BillingAccount, state: SubscriptionState) -> str | None:
+    """Another subscription than the account's current one that is not taking over, or a
+    state older than the one applied: ignored (webhooks arrive late and out of order)."""
+    other = billing.stripe_subscription_id and billing.stripe_subscription_id != state.id
+    older = billing.current_period_start and state.period_start < billing.current_period_start
+    if other and (state.status not in ("active", "trialing", "past_due") or older):
+        logger.info("subscription %s is not the account's current one (%s); ignored", state.id,
+                    billing.stripe_subscription_id)
+        return "other_subscription"
+    if not other and older:
+        logger.info("subscription %s: period %s is older than the applied %s; stale, ignored", state.id,
+                    state.period_start, billing.current_period_start)
+        return "stale"
+    return None
 
-        new_tier = tier_price.tier
-        if new_period or tier_rank(new_tier) >= tier_rank(account.tier):
-            account.tier = new_tier
-            billing.pending_tier = None
-        else:
-            billing.pending_tier = new_tier  # a downgrade: at the next period
-        account.status = ACCOUNT_STATUS.get(state.status, account.status)
-        if state.status in ("past_due", "unpaid") and billing.payment_failed_at is None:
-            billing.payment_failed_at = now
+
+def _record_incomplete(*, billing: BillingAccount, state: SubscriptionState) -> None:
+    """The first payment has not gone through: nothing is granted yet, the subscription is noted."""
+    if not billing.stripe_subscription_id:
         billing.stripe_subscription_id = state.id
-        billing.stripe_price_id = state.price_id
         billing.subscription_status = state.status
-        billing.interval = state.interval
-        billing.current_period_start = state.period_start
-        billing.current_period_end = state.period_end
-        billing.cancel_at_period_end = state.cancel_at_period_end
-        billing.paid_through = None
-        billing.access_ended_at = None
-        billing.full_clean()
-        billing.save()
-        account.save(update_fields=["tier", "status"])
-        period = period_align(account=account, starts_at=state.period_start, ends_at=state.period_end)
-        SubscriptionPeriod.objects.get_or_create(period=period, defaults={
-            "billing_account": billing, "stripe_subscription_id": state.id})
-        account_apply_terms(account=account, now=now)
-    if new_period:
-        overage_bill_account_on_commit(account_id=billing.account_id)
-    return "applied"
+        billing.save(update_fields=["stripe_subscription_id", "subscription_status", "updated_at"])
+
+
+def _starts_new_period(*, billing: BillingAccount, state: SubscriptionState) -> bool:
+    """A new subscription, the first one applied, or Stripe's period moved on."""
+    other = billing.stripe_subscription_id and billing.stripe_subscription_id != state.id
+    return bool(other) or billing.current_period_start is None or state.period_start > billing.current_period_start
+
+
+def _follow(*, billing: BillingAccount, account: Account, state: SubscriptionState, tier: Tier, new_period: bool,
+            now: datetime) -> None:
+    """The account takes the subscription's tier (a downgrade waits for the next period),
+    status and period; its usage period follows Stripe's."""
+    if new_period or tier_rank(tier) >= tier_rank(account.tier):
+        account.tier = tier
+        billing.pending_tier = None
+    else:
+        billing.pending_tier = tier  # a downgrade: at the next period
+    account.status = ACCOUNT_STATUS.get(state.status, account.status)
+    if state.status in ("past_due", "unpaid") and billing.payment_failed_at is None:
+        billing.payment_failed_at = now
+    billing.stripe_subscription_id = state.id
+    billing.stripe_price_id = state.price_id
+    billing.subscription_status = state.status
+    billing.interval = state.interval
+    billing.current_period_start = state.period_start
+    billing.current_period_end = state.period_end
+    billing.cancel_at_period_end = state.cancel_at_period_end
+    billing.paid_through = None
+    billing.access_ended_at = None
+    billing.full_clean()
+    billing.save()
+    account.save(update_fields=["tier", "status"])
+    period = period_align(account=account, starts_at=state.period_start, ends_at=state.period_end)
+    SubscriptionPeriod.objects.get_or_create(period=period, defaults={
+        "billing_account": billing, "stripe_subscription_id": state.id})
+    account_apply_terms(account=account, now=now)
 
 
 def _subscription_ended(*, billing: BillingAccount, account: Account, state: SubscriptionState,
