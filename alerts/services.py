@@ -1,6 +1,6 @@
 """Alerts' business rules: recording alerts, delivering them exactly once,
-e-mail preferences, and the work of the periodic jobs (cleanup, rollover,
-digest, reconciliation, anomaly detection). Tasks and receivers call these."""
+e-mail preferences, and the work of alerts' periodic jobs (weekly digest,
+resending, anomaly detection). Tasks and receivers call these."""
 from __future__ import annotations
 
 import logging
@@ -21,15 +21,7 @@ from django.utils import timezone
 
 from consensus_tokens.errors import ApplicationError
 from metering.models import Account, AuditLog, LedgerEntry, UsagePeriod
-from metering.services import (
-    Drift,
-    RequestContext,
-    account_apply_terms,
-    audit_record,
-    ledger_reconcile,
-    periods_rollover,
-    reservations_expire_stale,
-)
+from metering.services import RequestContext, account_apply_terms, audit_record
 
 from .emails import PREFERENCE_FOR_KIND, email_for_event
 from .models import AlertEvent, AnomalyFlag, EmailPreference
@@ -41,7 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "alert_crossings", "alert_crossings_record", "alert_deliver", "alert_preferences_get", "alert_preferences_update",
     "alert_unsubscribe", "alerts_requeue", "alerts_send_pending", "anomalies_detect", "anomaly_flag_notify", "anomaly_flag_resolve",
-    "cleanup_run", "period_summaries_record", "reconcile_run", "rollover_run", "weekly_digests_record",
+    "period_summary_record", "weekly_digests_record",
 ]
 
 
@@ -159,22 +151,20 @@ def _period_snapshot(period: UsagePeriod) -> dict[str, Any]:
             "periodEnd": period.ends_at.isoformat()}
 
 
-def period_summaries_record(*, now: datetime | None = None) -> list[AlertEvent]:
-    """A summary for every period that ended recently and has none yet (so a late
-    or repeated run, or a period cut short by billing, is still summarised once)."""
-    now = now or timezone.now()
-    since = now - timedelta(days=settings.ALERTS_SUMMARY_LOOKBACK_DAYS)
-    ended = (UsagePeriod.objects.filter(ends_at__lte=now, ends_at__gt=since, account__tier__isnull=False)
-             .exclude(alerts__kind=AlertEvent.Kind.PERIOD_SUMMARY).select_related("account__user"))
-    events = []
-    with transaction.atomic():
-        for period in ended:
-            event = _event_record(account_id=period.account_id, period_id=period.pk,
-                                  kind=AlertEvent.Kind.PERIOD_SUMMARY, recipient=period.account.user.email,
-                                  context=_period_snapshot(period))
-            if event is not None:
-                events.append(event)
-    return events
+def period_summary_record(*, period: UsagePeriod) -> AlertEvent | None:
+    """Called inside the transaction that closed `period` (metering's period_closed):
+    record its summary e-mail, sent after commit. Once per period (its unique
+    constraint); none for a period that ended more than ALERTS_SUMMARY_LOOKBACK_DAYS
+    before it was closed (a job far behind) or for an account without a tier."""
+    closed_at = period.closed_at or timezone.now()
+    if period.ends_at <= closed_at - timedelta(days=settings.ALERTS_SUMMARY_LOOKBACK_DAYS):
+        return None
+    recipient = (Account.objects.filter(pk=period.account_id, tier__isnull=False)
+                 .values_list("user__email", flat=True).first())
+    if recipient is None:
+        return None
+    return _event_record(account_id=period.account_id, period_id=period.pk, kind=AlertEvent.Kind.PERIOD_SUMMARY,
+                         recipient=recipient, context=_period_snapshot(period))
 
 
 def weekly_digests_record(*, now: datetime | None = None) -> list[AlertEvent]:
@@ -302,71 +292,6 @@ def alerts_send_pending(*, now: datetime | None = None, limit: int = 500) -> Res
         except Exception:
             logger.warning("anomaly flag %s: staff not notified; will retry", flag_id, exc_info=True)
     return ResendResult(sent, failed, notified)
-
-
-# --- periodic jobs -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CleanupResult:
-    reservations_expired: int
-    audit_rows_pruned: int
-    webhook_payloads_pruned: int
-
-
-def _prune(queryset, *, chunk: int = 5000) -> int:
-    """Delete in chunks so no run holds a long lock on a big table."""
-    deleted = 0
-    while True:
-        ids = list(queryset.values_list("pk", flat=True)[:chunk])
-        if not ids:
-            return deleted
-        deleted += queryset.model.objects.filter(pk__in=ids).delete()[0]
-
-
-def cleanup_run(*, now: datetime | None = None) -> CleanupResult:
-    """Expire stale reservations (releasing their holds) and prune what has a
-    retention setting: audit rows and old webhook payloads. Never the ledger."""
-    from djstripe.models import WebhookEventTrigger
-
-    now = now or timezone.now()
-    expired = 0
-    while True:
-        batch = reservations_expire_stale(now=now)
-        expired += batch
-        if batch < 1000:
-            break
-    audit = _prune(AuditLog.objects.filter(created_at__lt=now - timedelta(days=settings.AUDIT_RETENTION_DAYS)))
-    webhooks = _prune(WebhookEventTrigger.objects.filter(
-        created__lt=now - timedelta(days=settings.WEBHOOK_RETENTION_DAYS)))
-    return CleanupResult(expired, audit, webhooks)
-
-
-@dataclass(frozen=True)
-class RolloverResult:
-    closed: int
-    summaries: int
-
-
-def rollover_run(*, now: datetime | None = None) -> RolloverResult:
-    """Close ended periods, open the next ones, and record each ended period's
-    summary e-mail."""
-    now = now or timezone.now()
-    closed = 0
-    while True:
-        rolled = periods_rollover(now=now)
-        closed += len(rolled)
-        if not rolled:
-            break
-    return RolloverResult(closed, len(period_summaries_record(now=now)))
-
-
-def reconcile_run() -> list[Drift]:
-    """Counters vs ledger for every period; any drift goes to staff."""
-    drifts = ledger_reconcile()
-    if drifts:
-        body = render_to_string("emails/staff_reconcile_drift.txt", {"drifts": drifts[:200], "count": len(drifts)})
-        mail_admins(f"Ledger drift in {len(drifts)} period(s)", body)
-    return drifts
 
 
 # --- anomalies -----------------------------------------------------------------------------------

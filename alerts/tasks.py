@@ -1,27 +1,15 @@
-"""Celery tasks: take ids, call a service. Periodic jobs take a lock so that
-concurrent runs leave the work to one of them; each job is also idempotent on
-its own, so a repeated or late run changes nothing twice."""
+"""Celery tasks: take ids, call a service. Periodic jobs (declared in schedule.py)
+take a lock so that concurrent runs leave the work to one of them; each job is
+also idempotent on its own, so a repeated or late run changes nothing twice."""
 from __future__ import annotations
 
-import logging
-from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from celery import shared_task
 
+from consensus_tokens.jobs import run_locked
+
 from . import services
-from .locks import job_lock
-
-logger = logging.getLogger(__name__)
-
-
-def _locked(name: str, job, **kwargs: Any) -> Any:
-    with job_lock(name) as acquired:
-        if not acquired:
-            logger.info("%s: another run holds the lock; skipping", name)
-            return "skipped"
-        result = job(**kwargs)
-    return asdict(result) if is_dataclass(result) else result
 
 
 @shared_task(name="alerts.send", acks_late=True, autoretry_for=(Exception,), retry_backoff=15,
@@ -38,29 +26,14 @@ def anomaly_flag_notify_task(flag_id: int) -> bool:
 
 @shared_task(name="alerts.send_pending")
 def alerts_send_pending_task() -> Any:
-    return _locked("send_pending", services.alerts_send_pending)
-
-
-@shared_task(name="alerts.cleanup")
-def cleanup_task() -> Any:
-    return _locked("cleanup", services.cleanup_run)
-
-
-@shared_task(name="alerts.rollover")
-def rollover_task() -> Any:
-    return _locked("rollover", services.rollover_run)
+    return run_locked("send_pending", services.alerts_send_pending)
 
 
 @shared_task(name="alerts.weekly_digest")
 def weekly_digest_task() -> Any:
-    return _locked("weekly_digest", lambda: len(services.weekly_digests_record()))
-
-
-@shared_task(name="alerts.reconcile")
-def reconcile_task() -> Any:
-    return _locked("reconcile", lambda: len(services.reconcile_run()))
+    return run_locked("weekly_digest", lambda: len(services.weekly_digests_record()))
 
 
 @shared_task(name="alerts.detect_anomalies")
 def anomalies_detect_task() -> Any:
-    return _locked("detect_anomalies", lambda: [f.pk for f in services.anomalies_detect()])
+    return run_locked("detect_anomalies", lambda: [f.pk for f in services.anomalies_detect()])

@@ -1,19 +1,13 @@
 """Celery tasks: each takes ids, calls one service. Periodic ones are safe to run
 twice (the services lock and check before they act); a run that fails is picked
-up by the next one."""
+up by the next one. schedule.py declares which run periodically."""
 from __future__ import annotations
 
 from celery import shared_task
 
-from . import services
+from consensus_tokens.jobs import run_locked
 
-# The periodic jobs, for the beat schedule (`setup_periodic_tasks`): name -> (task, seconds).
-PERIODIC = {
-    "billing: bill ended periods' overage": ("billing.tasks.overage_bill_ended_periods_task", 15 * 60),
-    "billing: bill overage past a tier's threshold": ("billing.tasks.overage_bill_thresholds_task", 60 * 60),
-    "billing: hold accounts past the payment grace period": ("billing.tasks.billing_holds_apply_task", 15 * 60),
-    "billing: end access of canceled subscriptions": ("billing.tasks.subscriptions_expire_task", 5 * 60),
-}
+from . import services
 
 
 @shared_task(name="billing.tasks.overage_invoice_period_task")
@@ -40,3 +34,8 @@ def billing_holds_apply_task() -> int:
 @shared_task(name="billing.tasks.subscriptions_expire_task")
 def subscriptions_expire_task() -> int:
     return services.subscriptions_expire()
+
+
+@shared_task(name="billing.tasks.webhook_payloads_prune_task")
+def webhook_payloads_prune_task() -> int | str:
+    return run_locked("webhook_payloads_prune", services.webhook_payloads_prune)

@@ -10,3 +10,8 @@ usage_recorded = django.dispatch.Signal()
 # per period: kwargs changes, a list of (period after, used_before). Whoever listens to
 # usage_recorded must listen here too.
 usage_recorded_many = django.dispatch.Signal()
+
+# Sent for each period closed (the rollover job, or billing cutting it short), inside the
+# closing transaction: kwargs period (UsagePeriod, closed_at set). Sent once per period:
+# a closed period is never closed again.
+period_closed = django.dispatch.Signal()

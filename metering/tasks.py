@@ -1,10 +1,31 @@
-"""Metering's periodic jobs. Each takes no arguments, calls one service and is
-safe to run twice (runs queue on the rollup state's row lock)."""
+"""Metering's periodic jobs (declared in schedule.py). Each takes no arguments,
+calls one service and is safe to run twice: the housekeeping jobs also take a
+lock so concurrent runs leave the work to one of them; the rollup jobs queue on
+the rollup state's row lock."""
 from __future__ import annotations
+
+from typing import Any
 
 from celery import shared_task
 
-from .services import ledger_rollup_refresh, ledger_rollup_verify
+from consensus_tokens.jobs import run_locked
+
+from .services import cleanup_run, ledger_rollup_refresh, ledger_rollup_verify, reconcile_run, rollover_run
+
+
+@shared_task(name="metering.cleanup")
+def cleanup_task() -> Any:
+    return run_locked("cleanup", cleanup_run)
+
+
+@shared_task(name="metering.rollover")
+def rollover_task() -> Any:
+    return run_locked("rollover", rollover_run)
+
+
+@shared_task(name="metering.reconcile")
+def reconcile_task() -> Any:
+    return run_locked("reconcile", lambda: len(reconcile_run()))
 
 
 @shared_task(name="metering.ledger_rollup_refresh", ignore_result=True)

@@ -24,6 +24,7 @@ from .overage import (
     overage_invoice_push,
 )
 from .payments import billing_holds_apply, invoice_payment_failed, invoice_payment_succeeded, invoice_upcoming
+from .retention import webhook_payloads_prune
 from .setup import SetupReport, stripe_setup, webhook_endpoint_url, webhook_trigger_retry
 from .subscriptions import (
     subscription_apply,
@@ -39,5 +40,5 @@ __all__ = [
     "overage_bill_ended_periods", "overage_bill_thresholds", "overage_cents", "overage_invoice_period",
     "overage_invoice_push", "portal_session_create", "stripe_setup", "subscription_apply",
     "subscription_period_bounds", "subscription_refresh", "subscriptions_expire", "webhook_endpoint_url",
-    "webhook_trigger_retry",
+    "webhook_payloads_prune", "webhook_trigger_retry",
 ]

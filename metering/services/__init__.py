@@ -11,9 +11,10 @@ from .audit import audit_record
 from .batch import MAX_BATCH, BatchRefused, usage_consume_batch
 from .context import SYSTEM, RequestContext
 from .estimates import provider_calibrate, tokens_estimate
+from .housekeeping import CleanupResult, cleanup_run, reconcile_run, rollover_run
 from .keys import service_key_create, service_key_revoke
 from .reconcile import Drift, ledger_misattributed, ledger_reconcile
-from .rollover import periods_rollover  # noqa: F401  (alerts' rollover job)
+from .rollover import periods_rollover
 from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollup_verify
 from .staff import account_change_tier, period_reset, reservation_release_by_support, usage_adjust, usage_grant
 from .usage import (
@@ -40,4 +41,5 @@ __all__ = [
     "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
     "usage_get", "usage_grant", "usage_of", "usage_percentage", "usage_status",
     "RollupDrift", "RollupRun", "ledger_rollup_refresh", "ledger_rollup_verify",
+    "CleanupResult", "cleanup_run", "periods_rollover", "reconcile_run", "rollover_run",
 ]

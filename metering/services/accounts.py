@@ -13,6 +13,7 @@ from ..errors import UnknownUser
 
 from ..models import Account, Tier, UsagePeriod, tier_cap
 from ..periods import bounds_for
+from ..signals import period_closed
 
 
 def account_terms(account: Account) -> tuple[int, int, object]:
@@ -97,9 +98,12 @@ def period_align(*, account: Account, starts_at: datetime, ends_at: datetime) ->
         now = timezone.now()
         for old in UsagePeriod.objects.select_for_update().filter(account=account, ends_at__gt=starts_at,
                                                                    starts_at__lt=starts_at):
+            was_open = old.closed_at is None
             old.ends_at = starts_at
             old.closed_at = old.closed_at or now
             old.save(update_fields=["ends_at", "closed_at", "updated_at"])
+            if was_open:
+                period_closed.send(sender=UsagePeriod, period=old)
         # A period opened on its own (a calendar month) after Stripe's start already
         # holds this period's usage: it becomes Stripe's period, usage and all.
         later = (UsagePeriod.objects.select_for_update()

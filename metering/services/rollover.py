@@ -2,8 +2,8 @@
 
 A request after a period's end opens the next period itself (period_current), so
 nothing waits for this; the job marks the old period closed, makes sure every
-account has its current period, and tells the caller which periods it closed
-(alerts sends their summaries). Safe to run twice or concurrently: ended periods
+account has its current period, and announces each period it closed
+(`period_closed`: alerts sends the summaries). Safe to run twice or concurrently: ended periods
 are locked with SKIP LOCKED, so two runs split the work, and opening a period
 is idempotent under its unique (account, starts_at)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from ..models import Account, UsagePeriod
+from ..signals import period_closed
 from .accounts import period_current
 
 
@@ -28,5 +29,6 @@ def periods_rollover(*, now: datetime | None = None, limit: int = 500) -> list[t
         for period in ended:
             period.closed_at = now
             period.save(update_fields=["closed_at", "updated_at"])
+            period_closed.send(sender=UsagePeriod, period=period)
             rolled.append((period, period_current(account=accounts[period.account_id], now=now)))
     return rolled

@@ -1,134 +1,20 @@
-"""Cleanup, reconciliation, the schedule, and one-run-at-a-time locks."""
+"""Alerts' periodic jobs: resending what was recorded but not sent, and the summary
+of a period billing cut short. (Cleanup, reconciliation and locks moved to
+tests/metering/test_housekeeping.py; the schedule to tests/kernel.)"""
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timedelta, timezone as dt_timezone
-from io import StringIO
 
 import pytest
 import time_machine
 from django.core import mail
-from django.core.management import call_command
-from django.db import connection
-from django_celery_beat.models import PeriodicTask
-from djstripe.models import WebhookEventTrigger
 
-from alerts.locks import job_lock
 from alerts.models import AlertEvent, AnomalyFlag
 from alerts.services import alerts_send_pending
-from alerts.tasks import cleanup_task, reconcile_task, rollover_task
-from billing.tasks import PERIODIC as BILLING_PERIODIC
-from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
-from metering.services import (
-    RequestContext,
-    account_for_user,
-    ledger_reconcile,
-    period_align,
-    period_current,
-    usage_check,
-)
+from metering.services import account_for_user, period_align, period_current
+from metering.tasks import rollover_task
 
 NOW = datetime(2026, 11, 10, 2, 0, tzinfo=dt_timezone.utc)
-
-
-@pytest.mark.django_db
-def test_cleanup_expires_stale_reservations_and_prunes_by_retention(make_user, settings):
-    settings.AUDIT_RETENTION_DAYS, settings.WEBHOOK_RETENTION_DAYS = 30, 7
-    user = make_user("basic")
-    with time_machine.travel(NOW - timedelta(minutes=20), tick=False):
-        stale = usage_check(user_id=user.pk, tokens=700, ctx=RequestContext(actor="t"), reserve=True).reservation
-        old_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=31))
-    with time_machine.travel(NOW - timedelta(minutes=5), tick=False):
-        fresh = usage_check(user_id=user.pk, tokens=300, ctx=RequestContext(actor="t"), reserve=True).reservation
-    recent_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=29))
-    old_hook = WebhookEventTrigger.objects.create(remote_ip="127.0.0.1", headers={}, body="{}")
-    new_hook = WebhookEventTrigger.objects.create(remote_ip="127.0.0.1", headers={}, body="{}")
-    WebhookEventTrigger.objects.filter(pk=old_hook.pk).update(created=NOW - timedelta(days=8))
-    WebhookEventTrigger.objects.filter(pk=new_hook.pk).update(created=NOW - timedelta(days=6))
-    ledger_rows = LedgerEntry.objects.count()
-
-    with time_machine.travel(NOW, tick=False):
-        result = cleanup_task.delay().get()
-        again = cleanup_task.delay().get()
-    assert result["reservations_expired"] == 1 and result["webhook_payloads_pruned"] == 1
-    assert result["audit_rows_pruned"] == 1
-    assert again == {"reservations_expired": 0, "audit_rows_pruned": 0, "webhook_payloads_pruned": 0}
-    stale.refresh_from_db()
-    fresh.refresh_from_db()
-    assert stale.status == Reservation.Status.EXPIRED and fresh.status == Reservation.Status.HELD
-    assert UsagePeriod.objects.get(pk=stale.period_id).reserved == 300
-    # the release is a ledger row; nothing was taken from the ledger
-    assert LedgerEntry.objects.count() == ledger_rows + 1
-    assert LedgerEntry.objects.filter(kind="release", reservation=stale, reserved_delta=-700).exists()
-    assert not AuditLog.objects.filter(pk=old_audit.pk).exists() and AuditLog.objects.filter(pk=recent_audit.pk).exists()
-    assert list(WebhookEventTrigger.objects.values_list("pk", flat=True)) == [new_hook.pk]
-    assert ledger_reconcile() == []
-
-
-@pytest.mark.django_db
-def test_reconciliation_mails_staff_only_when_counters_drift(make_user, consume):
-    user = make_user("basic")
-    consume(user, 1_000)
-    assert reconcile_task.delay().get() == 0 and mail.outbox == []
-    period = period_current(account=account_for_user(user_id=user.pk))
-    UsagePeriod.objects.filter(pk=period.pk).update(used=1_250)  # a counter that lies
-    assert reconcile_task.delay().get() == 1
-    [report] = mail.outbox
-    assert report.subject.endswith("Ledger drift in 1 period(s)") and report.to == ["staff@consensus.local"]
-    assert f"{period.pk}  {user.pk}  1250 / 1000  0 / 0" in report.body
-
-
-@pytest.mark.django_db
-def test_setup_periodic_tasks_is_idempotent_and_keeps_staff_edits():
-    call_command("setup_periodic_tasks", stdout=StringIO())
-    call_command("setup_periodic_tasks", stdout=StringIO())
-    tasks = {t.name: t for t in PeriodicTask.objects.select_related("crontab", "interval")}
-    assert set(tasks) == {"cleanup", "period rollover", "weekly digest", "reconciliation", "anomaly detection",
-                          "send pending alerts", "ledger rollup refresh", "ledger rollup verify",
-                          *BILLING_PERIODIC}
-    assert tasks["ledger rollup refresh"].interval.every == 60
-    assert tasks["billing: bill ended periods' overage"].task == "billing.tasks.overage_bill_ended_periods_task"
-
-    def cron(name):
-        c = tasks[name].crontab
-        return (c.minute, c.hour, c.day_of_week, c.day_of_month, c.month_of_year, str(c.timezone))
-
-    assert cron("cleanup") == ("0", "2", "*", "*", "*", "UTC")
-    assert cron("period rollover") == ("1", "*", "*", "*", "*", "UTC")
-    assert cron("weekly digest") == ("0", "10", "0", "*", "*", "UTC")
-    assert cron("reconciliation")[:2] == ("30", "3") and cron("anomaly detection")[:2] == ("5", "*")
-    assert tasks["send pending alerts"].interval.every == 300 and tasks["cleanup"].task == "alerts.cleanup"
-
-    cleanup = tasks["cleanup"]
-    cleanup.enabled = False
-    cleanup.save()
-    call_command("setup_periodic_tasks", stdout=StringIO())
-    assert PeriodicTask.objects.get(name="cleanup").enabled is False  # a staff edit survives a deploy
-    call_command("setup_periodic_tasks", "--reset", stdout=StringIO())
-    assert PeriodicTask.objects.get(name="cleanup").enabled is True
-    assert PeriodicTask.objects.filter(name__in=tasks).count() == 8 + len(BILLING_PERIODIC)
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_job_already_running_elsewhere_is_skipped():
-    holding, release = threading.Event(), threading.Event()
-
-    def other_run():
-        with job_lock("cleanup") as acquired:
-            assert acquired
-            holding.set()
-            release.wait(10)
-        connection.close()
-
-    thread = threading.Thread(target=other_run)
-    thread.start()
-    assert holding.wait(10)
-    try:
-        assert cleanup_task.delay().get() == "skipped"
-    finally:
-        release.set()
-        thread.join()
-    assert cleanup_task.delay().get() != "skipped"
 
 
 @pytest.mark.django_db
@@ -209,8 +95,9 @@ def test_a_period_cut_short_by_billing_is_summarised(make_user, consume, on_comm
     account = account_for_user(user_id=user.pk)
     new_start = NOW + timedelta(days=2)
     with time_machine.travel(new_start, tick=False):
-        period_align(account=account, starts_at=new_start, ends_at=new_start + timedelta(days=30))
-        on_commit(rollover_task.delay)
+        # billing closes the period when it cuts it short; the summary goes with that commit
+        on_commit(period_align, account=account, starts_at=new_start, ends_at=new_start + timedelta(days=30))
+        on_commit(rollover_task.delay)  # the rollover after it sends nothing again
         on_commit(rollover_task.delay)
     [summary] = mail.outbox
     assert summary.subject == "Your usage summary for Nov 1 – Nov 12, 2026: 1,234 tokens"

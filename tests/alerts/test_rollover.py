@@ -1,4 +1,5 @@
-"""Period rollover at the boundary with its summary e-mail, and the weekly digest."""
+"""Period rollover at the boundary with its summary e-mail, and the weekly digest.
+(Rollover alone, concurrent runs included: tests/metering/test_housekeeping.py.)"""
 from __future__ import annotations
 
 from datetime import datetime, timezone as dt_timezone
@@ -9,9 +10,10 @@ from django.core import mail
 
 from alerts.models import AlertEvent
 from alerts.services import alert_preferences_update
-from alerts.tasks import rollover_task, weekly_digest_task
+from alerts.tasks import weekly_digest_task
 from metering.models import UsagePeriod
-from metering.services import account_for_user, period_current, periods_rollover
+from metering.services import account_for_user
+from metering.tasks import rollover_task
 
 from .conftest import html_of, outbox_for
 
@@ -77,20 +79,6 @@ def test_a_period_opened_by_a_request_is_still_closed_and_summarised(consume, ma
     # November was closed; December never existed (nobody used it); January is current
     assert [(p.starts_at.month, p.closed_at is not None, p.used) for p in periods] == [(11, True, 100), (1, False, 50)]
     assert mail.outbox == []  # November ended more than ALERTS_SUMMARY_LOOKBACK_DAYS ago
-
-
-def test_concurrent_rollover_runs_split_the_work(make_user):
-    users = [make_user("basic") for _ in range(3)]
-    with time_machine.travel(at(2026, 11, 5), tick=False):
-        for user in users:
-            period_current(account=account_for_user(user_id=user.pk))
-    with time_machine.travel(at(2026, 12, 1, 1), tick=False):
-        first = periods_rollover(limit=2)
-        second = periods_rollover()
-        assert periods_rollover() == []
-    assert len(first) == 2 and len(second) == 1
-    assert {c.pk for c, _ in first} | {c.pk for c, _ in second} == set(
-        UsagePeriod.objects.filter(starts_at=at(2026, 11, 1)).values_list("pk", flat=True))
 
 
 def test_weekly_digest_goes_to_users_at_or_above_75_percent_once_a_week(consume, make_user, on_commit):
