@@ -14,6 +14,8 @@ from metering.tasks import ledger_rollup_refresh_task, ledger_rollup_verify_task
 
 from .conftest import write_history
 
+pytestmark = pytest.mark.within_one_period  # slow steps or processes of their own: start clear of a month's end
+
 
 def _groups_total(user_id, kind="consumption"):
     account_id = selectors.account_id_for_user(user_id=user_id)

@@ -23,6 +23,8 @@ from console.services import SUPPORT_GROUP
 
 from .conftest import FLUSHED_APPS, consume_body, key_client
 
+pytestmark = pytest.mark.within_one_period  # slow steps or processes of their own: start clear of a month's end
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_TIME = datetime(2026, 11, 17, 15, 30, tzinfo=dt_timezone.utc)
 

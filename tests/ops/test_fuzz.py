@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from rest_framework.test import APIClient
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-pytestmark = [pytest.mark.fuzz, pytest.mark.django_db]
+pytestmark = [pytest.mark.fuzz, pytest.mark.django_db, pytest.mark.within_one_period]
 
 # Examples per operation and mode: with the API's operations, a few hundred requests in all.
 EXAMPLES = 20

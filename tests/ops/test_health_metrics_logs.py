@@ -16,7 +16,7 @@ from metering.models import AuditLog
 
 from .conftest import free_port, run_redis
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.within_one_period]
 
 
 def scrape(client=None, **headers) -> dict[tuple[str, tuple], float]:

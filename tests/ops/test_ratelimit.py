@@ -29,7 +29,7 @@ from metering.services.keys import hash_key
 
 from .conftest import free_port, run_gunicorn, run_redis
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.within_one_period]
 
 
 def set_tier_rate(slug: str, per_hour: int) -> None:

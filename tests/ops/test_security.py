@@ -20,7 +20,7 @@ from metering.services import ConsumeRequest, SYSTEM, account_for_user, period_c
 from metering.services.keys import hash_key
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.within_one_period]
 
 
 def key_client(raw: str) -> APIClient:

@@ -12,7 +12,7 @@ import requests
 from .conftest import ROOT, run_gunicorn
 from .test_faults import HTTPS, production_env
 
-pytestmark = pytest.mark.django_db  # the gunicorn below connects to the test database
+pytestmark = [pytest.mark.django_db, pytest.mark.within_one_period]  # the gunicorn below connects to the test database
 
 
 def test_production_collectstatic_and_serving(tmp_path):
