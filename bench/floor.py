@@ -10,7 +10,7 @@ PostgreSQL round trip, and one that counts a rate limit in Redis one more.
     /bench/floor/post          parse the JSON body, answer
     /bench/floor/redis         + one EVALSHA counting a per-user hourly window (the rate limiter's script)
     /bench/floor/select1       + one trivial prepared statement on PostgreSQL, instead
-    /bench/floor/consume-sql   + the consume statement itself (metering/services/fast_consume.py), instead
+    /bench/floor/consume-sql   + the consume statement itself (metering/services/consume/consume_single.sql), instead
     /bench/floor/redis+consume-sql  both round trips: the least a rate-limited consume costs
     /bench/floor/batch-ledger  a batch's body parsed and one multi-row ledger INSERT in a transaction
 
@@ -31,7 +31,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from consensus_tokens.ratelimit import _COUNT_SCRIPT, _redis_client
-from metering.services.fast_consume import _CONSUME
+from metering.services.consume.postgres import CONSUME_SINGLE
 from metering.services.prepared import fetch_one_prepared
 
 VARIANTS = ("post", "redis", "select1", "consume-sql", "redis+consume-sql")
@@ -47,7 +47,7 @@ def _count(user_id: int) -> list[int]:
 
 
 def _consume_sql(data: dict[str, Any]) -> tuple | None:
-    return fetch_one_prepared(_CONSUME, {
+    return fetch_one_prepared(CONSUME_SINGLE, {
         "user_id": data["userId"], "now": timezone.now(), "tokens": data["tokens"],
         "operation_type": data["operationType"], "provider": data.get("provider", ""),
         "operation_id": data["operationId"], "model": data.get("model", ""),

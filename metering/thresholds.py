@@ -1,7 +1,7 @@
 """The usage percentages another app acts on the moment a consume crosses them.
 
 Alerts registers its thresholds; metering only asks. The single-statement consume
-(services/fast_consume.py) leaves a consume that crosses one, or enters overage, to
+(services/consume/postgres.py) leaves a consume that crosses one, or enters overage, to
 the ORM path, whose usage_recorded signal reaches the listener inside the transaction.
 """
 from __future__ import annotations

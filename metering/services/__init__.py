@@ -8,7 +8,9 @@ from .accounts import (
     tier_apply_terms,
 )
 from .audit import audit_record
-from .batch import MAX_BATCH, BatchRefused, usage_consume_batch
+from .consume.contract import MAX_BATCH, BatchRefused, ConsumeRequest, ConsumeResult, usage_percentage, usage_status
+from .consume.dispatch import usage_consume, usage_consume_batch
+from .consume.orm import consume_refused
 from .context import SYSTEM, RequestContext
 from .estimates import provider_calibrate, tokens_estimate
 from .housekeeping import CleanupResult, cleanup_run, reconcile_run, rollover_run
@@ -19,18 +21,12 @@ from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollu
 from .staff import account_change_tier, period_reset, reservation_release_by_support, usage_adjust, usage_grant
 from .usage import (
     CheckResult,
-    ConsumeRequest,
-    ConsumeResult,
     Usage,
-    consume_refused,
     reservation_release,
     reservations_expire_stale,
     usage_check,
-    usage_consume,
     usage_get,
     usage_of,
-    usage_percentage,
-    usage_status,
 )
 
 __all__ = [

@@ -12,7 +12,8 @@ from ..models import Account, LedgerEntry, Reservation, Tier, UsagePeriod
 from .accounts import account_apply_terms, period_current
 from .audit import audit_record
 from .context import RequestContext
-from .usage import _notify_usage, reservation_release
+from .notify import notify_usage
+from .usage import reservation_release
 
 
 def _require_reason(reason: str) -> None:
@@ -40,7 +41,7 @@ def usage_adjust(*, account: Account, tokens: int, reason: str, actor: str,
                      tokens=tokens, detail={"reason": reason, "periodId": period.pk})
         if tokens > 0:
             locked.refresh_from_db()
-            _notify_usage(locked, before)
+            notify_usage(locked, before)
     return entry
 
 

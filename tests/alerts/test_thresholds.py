@@ -152,7 +152,7 @@ def test_alerts_thresholds_reach_metering_through_its_registration_hook(make_use
     """Metering's one-statement consume leaves a crossing of an alert threshold to the ORM path
     (which records the alert in its transaction); alerts tells it which, not metering's reading
     of alerts' settings."""
-    from metering.services.fast_consume import consume_fast
+    from metering.services.consume.postgres import consume_fast
     from metering.thresholds import usage_thresholds
 
     assert usage_thresholds() == [75, 90, 100]

@@ -12,7 +12,7 @@ from django.test.utils import CaptureQueriesContext
 
 from metering.models import AuditLog, LedgerEntry, Reservation, UsagePeriod
 from metering.services import Usage, ledger_reconcile
-from metering.services.fast_batch import _PeriodFigures
+from metering.services.consume.contract import PeriodFigures, format_usd
 from metering.signals import usage_recorded, usage_recorded_many
 
 from .conftest import consume_body, current_period
@@ -199,7 +199,7 @@ def test_one_user_large_batch_is_constant_too(api, make_user, either_path):
     assert ledger_reconcile() == []
 
 
-# --- the set-based path (metering/services/fast_batch.py) ------------------------------------------
+# --- the set-based path (metering/services/consume/postgres.py) ------------------------------------------
 
 def open_periods(api, users) -> None:
     """A first consume opens each user's period (through the ORM path); batches after it take the set-based path."""
@@ -215,19 +215,25 @@ def stored_responses(prefix: str) -> list[dict]:
     (100_000, 120_000, 0, "0.000020"), (15_000, 15_000, 300, "0.000000"), (0, 0, 0, "0.000020"),
     (0, 500, 0, "1.500000"), (3, 7, 2, "0.333333"),
 ])
-def test_the_fast_paths_usage_figures_are_usage_as_api(limit, cap, reserved, rate):
-    """fast_batch builds each item's usage without a Usage per item; it must say exactly
-    what Usage.as_api says, at every point from empty to past the limit."""
+def test_the_one_usage_body_says_what_usage_says(limit, cap, reserved, rate):
+    """The usage dict every answer carries is built in one place (contract.PeriodFigures: Usage.as_api,
+    both batch paths, replays); made once per period and asked at every point from empty to past the
+    limit, it says what Usage's own figures say, in the API's key order."""
     start, end = datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)
-    row = (1, 1, 0, reserved, limit, cap, Decimal(rate), start, end)
-    figures = _PeriodFigures("pro", row, {})
+    figures = PeriodFigures(tier="pro", limit=limit, reserved=reserved, cap=cap, overage_rate=Decimal(rate),
+                            period_start=start, period_end=end, shared={})
     for used in sorted({0, 1, limit - 1, limit, limit + 1, cap - reserved, cap, cap + 5, 49_999, 50_000, 123_457}):
         used = max(used, 0)
-        expected = Usage(tier="pro", limit=limit, used=used, reserved=reserved, cap=cap, overage_rate=Decimal(rate),
-                         period_start=start, period_end=end).as_api()
+        usage = Usage(tier="pro", limit=limit, used=used, reserved=reserved, cap=cap, overage_rate=Decimal(rate),
+                      period_start=start, period_end=end)
+        expected = {"tier": "pro", "limit": limit, "used": used, "reserved": reserved, "remaining": usage.remaining,
+                    "available": usage.available, "usagePercentage": usage.percentage, "status": usage.status,
+                    "cap": cap, "overage": {"tokens": usage.overage_tokens, "charge": format_usd(usage.overage_charge)},
+                    "periodStart": "2026-11-01T00:00:00Z", "periodEnd": "2026-12-01T00:00:00Z"}
         got = figures.as_api(used)
         assert got == expected and list(got) == list(expected), used
         assert json.dumps(got) == json.dumps(expected)
+        assert usage.as_api() == got
 
 
 def test_a_batch_of_recorded_items_is_answered_by_the_orm_path_byte_for_byte(api, users):

@@ -218,7 +218,7 @@ def test_a_fast_batch_waits_its_turn_for_the_write(make_user, service_key, setti
     import psycopg
     from django.db import connection
 
-    from metering.services import fast_batch
+    from metering.services.consume import postgres
 
     settings.BATCH_WRITES_TAKE_TURNS = True
     users = [make_user("pro") for _ in range(2)]
@@ -226,7 +226,7 @@ def test_a_fast_batch_waits_its_turn_for_the_write(make_user, service_key, setti
         assert _post(service_key, "/api/tokens/consume", consume_body(user, f"open-{user.pk}", 1))[0] == 201
     ops = [consume_body(users[j % 2], f"turn-{j}", 5) for j in range(4)]
     db = connection.settings_dict
-    key = fast_batch._TAKE_TURN.split("(", 1)[1].rstrip(")")
+    key = postgres.TAKE_TURN.split("(", 1)[1].rstrip(")")
     with psycopg.connect(host=db["HOST"] or "127.0.0.1", port=db["PORT"] or 5432, user=db["USER"],
                          dbname=db["NAME"], autocommit=True) as other:
         other.execute(f"SELECT pg_advisory_lock({key})")

@@ -41,6 +41,9 @@ def test_the_tree_keeps_every_contract():
     ("alerts/selectors.py", "from billing import selectors", "billing and alerts are independent"),
     ("consensus_tokens/health.py", "from metering.models import Account", "The kernel (consensus_tokens) imports"),
     ("billing/models.py", "from console import selectors", "Only the console builds on the console"),
+    ("metering/services/consume/orm.py", "from .postgres import consume_fast", "Consume: ORM and PostgreSQL paths"),
+    ("metering/services/consume/postgres.py", "from .orm import consume_orm", "Consume: ORM and PostgreSQL paths"),
+    ("metering/services/consume/contract.py", "from .dispatch import usage_consume", "Consume: ORM and PostgreSQL paths"),
 ])
 def test_an_import_against_the_direction_is_caught(tree_copy, module, bad_import, broken):
     path = tree_copy / module

@@ -1,37 +1,7 @@
-"""The direct consume on PostgreSQL in one statement, one round trip.
-
-Same rules as the ORM path in usage.py, in a single autocommit statement: one
-conditional UPDATE holds the cap, and the ledger row and the audit row are
-inserted by the same statement, so they commit together or not at all. A
-concurrent replay of the same operation id hits the ledger's unique constraint
-and the whole statement fails, changing nothing.
-
-The statement applies only to the plain case: a known, active operation type
-and provider, an open period, a fresh operation id, room under the cap, and no
-alert threshold (or the entry into overage) crossed by this change. Anything
-else - unknown user or operation type, no open period, a replay, the cap, a
-crossing - returns None having changed nothing, and the ORM path, which tells
-those cases apart and records threshold alerts in its transaction, answers.
-
-It runs through prepared.fetch_one_prepared: a server-side prepared statement,
-no BEGIN/COMMIT round trips outside a transaction and no health-check query; a
-dropped connection is reopened and the statement run again, which is safe
-because it is idempotent per operation id (if the first attempt did commit, the
-retry finds its ledger row and the ORM path answers with the replay).
-"""
-from __future__ import annotations
-
-from decimal import Decimal
-
-from django.db import IntegrityError
-from django.utils import timezone
-
-from ..thresholds import usage_thresholds
-from .context import RequestContext
-from .prepared import fetch_one_prepared
-from .usage import ConsumeRequest, ConsumeResult, Usage, _notify_usage, consume_response, period_after_update
-
-_CONSUME = """
+-- A plain consume in one statement (postgres.consume_fast): the conditional UPDATE that holds the
+-- cap, and the ledger and audit rows, committed together or not at all. No row back: the ORM path
+-- answers (unknown names, no open period, a replay, the cap, an alert threshold crossed).
+-- The ledger row stores the usage right after it raw ("usageAfter"); contract.stored_body formats it.
 WITH upd AS (
     UPDATE metering_usageperiod p SET used = p.used + %(tokens)s, updated_at = %(now)s
     WHERE p.id = (SELECT cur.id FROM metering_usageperiod cur
@@ -80,29 +50,3 @@ WITH upd AS (
 SELECT upd.id, upd.account_id, upd.used, upd.reserved, upd.token_limit, upd.cap, upd.overage_rate, upd.starts_at,
        upd.ends_at, upd.tier_slug, entry.id
 FROM upd, entry
-"""
-
-
-def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResult | None:
-    now = timezone.now()
-    params = {
-        "user_id": request.user_id, "now": now, "tokens": request.tokens, "operation_type": request.operation_type,
-        "provider": request.provider, "operation_id": request.operation_id, "model": request.model,
-        "estimated_tokens": request.estimated_tokens, "service_key_id": ctx.service_key_id,
-        "fingerprint": request.fingerprint(), "client_ip": ctx.client_ip, "user_agent": (ctx.user_agent or "")[:300],
-        "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": usage_thresholds(),
-    }
-    try:
-        row = fetch_one_prepared(_CONSUME, params)
-    except IntegrityError:
-        return None  # the same operation id committed concurrently: the ORM path replays it
-    if row is None:
-        return None
-    period_id, account_id, used, reserved, limit, cap, rate, starts_at, ends_at, tier_slug, entry_id = row
-    usage = Usage(tier=tier_slug, limit=limit, used=used, reserved=reserved, cap=cap,
-                  overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
-    # Committed already (or with the caller's transaction); no threshold was crossed, so
-    # the receivers only count (metrics) - alerts find nothing to record.
-    _notify_usage(period_after_update(row[:9], now), used - request.tokens)
-    body = consume_response(request=request, usage=usage, recorded_at=now)
-    return ConsumeResult({**body, "entryId": entry_id}, replayed=False)
