@@ -200,7 +200,7 @@ DEFAULT_TIER = env("DEFAULT_TIER", default="basic")
 TIKTOKEN_CACHE_DIR = env("TIKTOKEN_CACHE_DIR", default=str(Path.home() / ".cache" / "consensus-tokens" / "tiktoken"))
 # Use the single-statement PostgreSQL path for direct consumes.
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
-# Batches write one at a time on PostgreSQL (metering/services/fast_batch.py says why);
+# Batches write one at a time on PostgreSQL (metering/services/consume/postgres.py says why);
 # false lets batches for disjoint users write at once, contending on row locks only.
 BATCH_WRITES_TAKE_TURNS = env.bool("BATCH_WRITES_TAKE_TURNS", default=True)
 # Daily rollups of the ledger (metering.ledger_rollup_refresh): ids per batch; how long an id
