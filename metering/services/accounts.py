@@ -41,12 +41,18 @@ def account_for_user(*, user_id: int) -> Account:
     return Account.objects.select_related("tier").get(user_id=user_id)
 
 
+def _containing(now: datetime) -> Q:
+    """The current period rule: a period holds `now` from its start (inclusive) to its end
+    (exclusive); should two, the later start wins. The consume statements
+    (consume/consume_single.sql, consume/batch_read.sql) write the same rule in SQL."""
+    return Q(starts_at__lte=now, ends_at__gt=now)
+
+
 def period_current(*, account: Account, now: datetime | None = None) -> UsagePeriod:
     """The period containing `now`, opened if it does not exist yet. A request after
     a period's end opens the next one itself; it never waits for a job."""
     now = now or timezone.now()
-    period = (UsagePeriod.objects.filter(account=account, starts_at__lte=now, ends_at__gt=now)
-              .order_by("-starts_at").first())
+    period = UsagePeriod.objects.filter(_containing(now), account=account).order_by("-starts_at").first()
     if period is not None:
         return period
     start, end = bounds_for(account, now)
@@ -57,6 +63,16 @@ def period_current(*, account: Account, now: datetime | None = None) -> UsagePer
                                               cap=cap, overage_rate=rate)
     except IntegrityError:
         return UsagePeriod.objects.get(account=account, starts_at=start)
+
+
+def periods_current(*, accounts: list[Account], now: datetime) -> dict[int, UsagePeriod]:
+    """period_current for many accounts (account id -> period): one query finds those that
+    exist, the others are opened."""
+    found: dict[int, UsagePeriod] = {}
+    for period in UsagePeriod.objects.filter(_containing(now), account_id__in=[a.pk for a in accounts]) \
+            .order_by("starts_at"):
+        found[period.account_id] = period  # ascending: the later start wins
+    return {a.pk: found.get(a.pk) or period_current(account=a, now=now) for a in accounts}
 
 
 def account_apply_terms(*, account: Account, now: datetime | None = None) -> int:

@@ -4,6 +4,7 @@
 -- The ledger row stores the usage right after it raw ("usageAfter"); contract.stored_body formats it.
 WITH upd AS (
     UPDATE metering_usageperiod p SET used = p.used + %(tokens)s, updated_at = %(now)s
+    -- the current period, by the rule of services/accounts.py (_containing)
     WHERE p.id = (SELECT cur.id FROM metering_usageperiod cur
                   WHERE cur.account_id = (SELECT a.id FROM metering_account a WHERE a.user_id = %(user_id)s)
                     AND cur.starts_at <= %(now)s AND cur.ends_at > %(now)s

@@ -22,7 +22,7 @@ from consensus_tokens.errors import ApplicationError
 
 from ...errors import OperationIdConflict, ReservationExpired, TokenCapExceeded
 from ...models import Account, AuditLog, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
-from ..accounts import account_for_user, period_current
+from ..accounts import account_for_user, period_current, periods_current
 from ..audit import audit_record, audit_row, known_user_id
 from ..context import RequestContext
 from ..notify import notify_usage, notify_usages
@@ -215,13 +215,9 @@ def _accounts_for(requests: list[ConsumeRequest]) -> dict[int, Account]:
 
 
 def _current_periods(accounts: dict[int, Account], now: datetime) -> dict[int, UsagePeriod]:
-    """Each user's current period (opened if need be), as period_current chooses it."""
-    by_account: dict[int, UsagePeriod] = {}
-    for p in UsagePeriod.objects.filter(account_id__in=[a.pk for a in accounts.values()], starts_at__lte=now,
-                                        ends_at__gt=now).order_by("starts_at"):
-        by_account[p.account_id] = p
-    return {user_id: by_account.get(account.pk) or period_current(account=account, now=now)
-            for user_id, account in accounts.items()}
+    """Each user's current period (opened if need be)."""
+    periods = periods_current(accounts=list(accounts.values()), now=now)
+    return {user_id: periods[account.pk] for user_id, account in accounts.items()}
 
 
 def _replays_and_fresh(requests: list[ConsumeRequest], accounts: dict[int, Account], ctx: RequestContext
