@@ -133,6 +133,10 @@ class Account(models.Model):
     # resolving an anomaly flag.
     billing_hold = models.BooleanField(default=False, help_text="Payment failed past the grace period.")
     anomaly_hold = models.BooleanField(default=False, help_text="Held by an open anomaly flag.")
+    # Set by billing: a live subscription or a default payment method on the Stripe
+    # customer. Overage is only granted where it can be invoiced.
+    can_pay = models.BooleanField(default=False, help_text="Billing can invoice this account's overage (a live "
+                                  "subscription or a payment method on file). Without it the cap is the limit.")
     created_at = models.DateTimeField(auto_now_add=True)
 
     def __str__(self) -> str:
@@ -140,7 +144,7 @@ class Account(models.Model):
 
     @property
     def overage_blocked(self) -> bool:
-        return self.billing_hold or self.anomaly_hold
+        return self.billing_hold or self.anomaly_hold or not self.can_pay
 
 
 class UsagePeriod(models.Model):
@@ -270,7 +274,11 @@ class Reservation(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        indexes = [models.Index(fields=["status", "expires_at"], name="reservation_status_expiry")]
+        indexes = [
+            models.Index(fields=["status", "expires_at"], name="reservation_status_expiry"),
+            # The live holds of a period: what check, consume and usage subtract once a hold has expired.
+            models.Index(fields=["period", "expires_at"], condition=Q(status="held"), name="reservation_period_held"),
+        ]
         constraints = [
             # One live hold per operation: a retried reserve gets the same hold back.
             models.UniqueConstraint(fields=["account", "operation_id"],

@@ -106,13 +106,14 @@ def tier(db):
 
 @pytest.fixture
 def make_user(db, django_user_model):
-    """make_user(tier="pro") -> a user with an account on that tier."""
+    """make_user(tier="pro") -> a user with an account on that tier, able to pay (as a subscriber
+    is: overage room per the tier); make_user(can_pay=False) is one without a way to pay."""
 
-    def make(tier: str = "basic", **fields):
+    def make(tier: str = "basic", can_pay: bool = True, **fields):
         username = fields.pop("username", f"user{next(_usernames)}")
         user = django_user_model.objects.create_user(username=username, email=f"{username}@example.com",
                                                      password="pw-for-tests-1", **fields)
-        Account.objects.create(user=user, tier=Tier.objects.get(slug=tier) if tier else None)
+        Account.objects.create(user=user, tier=Tier.objects.get(slug=tier) if tier else None, can_pay=can_pay)
         return user
 
     return make
