@@ -6,7 +6,8 @@ from datetime import datetime
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, transaction
-from django.db.models import Q
+from django.db.models import BigIntegerField, F, Q, Value
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from ..errors import UnknownUser
@@ -75,12 +76,21 @@ def periods_current(*, accounts: list[Account], now: datetime) -> dict[int, Usag
     return {a.pk: found.get(a.pk) or period_current(account=a, now=now) for a in accounts}
 
 
+def _cap_at_least_committed(cap: int) -> Greatest:
+    """A new cap for a period, never below what it has already granted (used + reserved):
+    lowering a cap (a hold, a lost way to pay, a smaller tier) stops further use, it
+    cannot take back tokens granted under the old one, and `used + reserved <= cap`
+    stays true for every period (`reconcile` proves it)."""
+    return Greatest(Value(cap), F("used") + F("reserved"), output_field=BigIntegerField())
+
+
 def account_apply_terms(*, account: Account, now: datetime | None = None) -> int:
     """Rewrite the limit/cap/rate of the account's open periods from its tier and
     state, so a change takes effect at once. Returns the periods changed."""
     now = now or timezone.now()
     limit, cap, rate = account_terms(account)
-    return UsagePeriod.objects.filter(account=account, ends_at__gt=now).update(token_limit=limit, cap=cap, overage_rate=rate)
+    return UsagePeriod.objects.filter(account=account, ends_at__gt=now).update(
+        token_limit=limit, cap=_cap_at_least_committed(cap), overage_rate=rate)
 
 
 def tier_apply_terms(*, tier: Tier, now: datetime | None = None) -> int:
@@ -90,9 +100,11 @@ def tier_apply_terms(*, tier: Tier, now: datetime | None = None) -> int:
     limit = tier.monthly_token_limit
     open_periods = UsagePeriod.objects.filter(account__tier=tier, ends_at__gt=now)
     full_cap = tier_cap(limit, tier.allow_overage and not tier.hard_limit, tier.max_overage_percentage)
-    held = Q(account__billing_hold=True) | Q(account__anomaly_hold=True)
-    changed = open_periods.exclude(held).update(token_limit=limit, cap=full_cap, overage_rate=tier.overage_rate)
-    changed += open_periods.filter(held).update(token_limit=limit, cap=limit, overage_rate=tier.overage_rate)
+    held = Q(account__billing_hold=True) | Q(account__anomaly_hold=True) | Q(account__can_pay=False)
+    changed = open_periods.exclude(held).update(token_limit=limit, cap=_cap_at_least_committed(full_cap),
+                                                overage_rate=tier.overage_rate)
+    changed += open_periods.filter(held).update(token_limit=limit, cap=_cap_at_least_committed(limit),
+                                                overage_rate=tier.overage_rate)
     return changed
 
 
