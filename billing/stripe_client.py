@@ -65,6 +65,14 @@ def _is_missing(exc: StripeError) -> bool:
         getattr(cause, "code", "") == "resource_missing" or getattr(cause, "http_status", 0) == 404)
 
 
+def is_refusal(exc: StripeError) -> bool:
+    """Stripe answered and refused the request (nothing was done), as opposed to an outage
+    or a lost answer, after which the same request may be sent again."""
+    cause = exc.__cause__
+    return isinstance(cause, stripe.StripeError) and 400 <= (getattr(cause, "http_status", None) or 0) < 500 \
+        and not isinstance(cause, (stripe.RateLimitError, stripe.APIConnectionError))
+
+
 def as_dict(obj: Any) -> dict[str, Any]:
     """A Stripe object as plain JSON data (nested objects included)."""
     if isinstance(obj, dict):
@@ -139,6 +147,14 @@ def subscription_retrieve(subscription_id: str) -> Any | None:
         raise
 
 
+def subscription_price_change(*, subscription_id: str, params: dict[str, Any], idempotency_key: str) -> Any:
+    """Move a subscription's item to another price (support's plan change). `params` are
+    built and recorded by the caller (items, proration_behavior, metadata), so a retry
+    sends exactly the same request under the same key."""
+    return _call("subscription update", stripe.Subscription.modify, subscription_id,
+                 idempotency_key=idempotency_key, **params)
+
+
 def invoice_item_create(*, customer_id: str, amount_cents: int, currency: str, description: str,
                         metadata: dict[str, str], period_start: int, period_end: int, subscription_id: str | None,
                         idempotency_key: str) -> Any:
@@ -153,10 +169,16 @@ def invoice_item_create(*, customer_id: str, amount_cents: int, currency: str, d
 
 def invoice_create_now(*, customer_id: str, description: str, metadata: dict[str, str],
                        idempotency_key: str) -> Any:
-    """An invoice for the customer's pending items, charged now (early overage)."""
+    """An invoice for the customer's pending items (a draft until finalized)."""
     return _call("invoice create", stripe.Invoice.create, customer=customer_id, description=description,
                  metadata=metadata, pending_invoice_items_behavior="include", auto_advance=True,
                  collection_method="charge_automatically", idempotency_key=idempotency_key)
+
+
+def invoice_finalize(*, invoice_id: str, idempotency_key: str) -> Any:
+    """Finalize a draft invoice now, so Stripe charges it instead of waiting an hour."""
+    return _call("invoice finalize", stripe.Invoice.finalize_invoice, invoice_id, auto_advance=True,
+                 idempotency_key=idempotency_key)
 
 
 # --- webhook endpoints ----------------------------------------------------------------------------

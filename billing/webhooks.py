@@ -39,3 +39,8 @@ def on_invoice_payment_failed(sender: Any, event: Any, **kwargs: Any) -> None:
 def on_invoice_upcoming(sender: Any, event: Any, **kwargs: Any) -> None:
     customer = _object(event).get("customer")
     services.invoice_upcoming(customer_id=customer["id"] if isinstance(customer, dict) else str(customer or ""))
+
+
+@djstripe_receiver("customer.updated")
+def on_customer_updated(sender: Any, event: Any, **kwargs: Any) -> None:
+    services.customer_payment_apply(customer_id=_object(event)["id"])

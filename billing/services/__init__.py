@@ -27,6 +27,7 @@ from .payments import billing_holds_apply, invoice_payment_failed, invoice_payme
 from .retention import webhook_payloads_prune
 from .setup import SetupReport, stripe_setup, webhook_endpoint_url, webhook_trigger_retry
 from .subscriptions import (
+    customer_payment_apply,
     subscription_apply,
     subscription_period_bounds,
     subscription_refresh,
@@ -36,7 +37,7 @@ from .subscriptions import (
 __all__ = [
     "CURRENCY", "WEBHOOK_EVENTS", "AlreadySubscribed", "PriceNotSetUp", "SetupReport", "SubscriptionState",
     "UnknownTier", "add_months", "billing_account_get_or_create", "billing_holds_apply", "checkout_session_create",
-    "customer_ensure", "invoice_payment_failed", "invoice_payment_succeeded", "invoice_upcoming",
+    "customer_ensure", "customer_payment_apply", "invoice_payment_failed", "invoice_payment_succeeded", "invoice_upcoming",
     "overage_bill_ended_periods", "overage_bill_thresholds", "overage_cents", "overage_invoice_period",
     "overage_invoice_push", "portal_session_create", "stripe_setup", "subscription_apply",
     "subscription_period_bounds", "subscription_refresh", "subscriptions_expire", "webhook_endpoint_url",

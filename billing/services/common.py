@@ -17,8 +17,11 @@ WEBHOOK_EVENTS = [
     "invoice.payment_succeeded",
     "invoice.payment_failed",
     "invoice.upcoming",
+    "customer.updated",
 ]
 CURRENCY = "usd"
+# Subscription statuses under which Stripe still charges the customer.
+LIVE_STATUSES = ("active", "trialing", "past_due")
 INTERVALS = ("month", "year")
 
 
@@ -60,6 +63,29 @@ def add_months(moment: datetime, months: int) -> datetime:
     next_first = datetime(year + (month // 12), month % 12 + 1, 1, tzinfo=moment.tzinfo)
     last_day = (next_first - timedelta(days=1)).day
     return moment.replace(year=year, month=month, day=min(moment.day, last_day))
+
+
+def billing_period_at(*, start: datetime, end: datetime, interval: str, now: datetime) -> tuple[datetime, datetime]:
+    """Stripe's billing period [start, end) or, once `now` has passed its end and the renewal
+    is not confirmed yet, the one Stripe will renew into (rolled forward from `end` by the
+    interval; the renewal webhook then confirms it)."""
+    step = 12 if interval == "year" else 1
+    first_end, n = end, 0
+    while end <= now:
+        n += 1
+        start, end = end, add_months(first_end, step * n)
+    return start, end
+
+
+def usage_month(*, start: datetime, end: datetime, now: datetime) -> tuple[datetime, datetime]:
+    """The usage period containing `now` in the billing period [start, end): allowances are
+    monthly whatever the billing interval, so a yearly period is cut into months anchored on
+    its start (the last one ends with it); a monthly billing period is one usage period.
+    Before `start`, the first month."""
+    k = 0
+    while add_months(start, k + 1) <= now and add_months(start, k + 1) < end:
+        k += 1
+    return add_months(start, k), min(add_months(start, k + 1), end)
 
 
 def overage_cents(tokens: int, rate: Decimal) -> int:

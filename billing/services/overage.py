@@ -15,7 +15,7 @@ from metering.models import UsagePeriod
 
 from .. import stripe_client
 from ..models import BillingAccount, OverageInvoice, SubscriptionPeriod
-from .common import CURRENCY, epoch, overage_cents
+from .common import CURRENCY, LIVE_STATUSES, epoch, overage_cents
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def _overage_record(*, period: UsagePeriod, billing: BillingAccount, reason: str
         return None  # under a cent so far: the cursor waits, so the period is still rounded once
     tokens = through - billed["through"]
     key = f"ct-overage-{period.pk}-{through}"
-    subscription_id = billing.stripe_subscription_id if billing.subscription_status in (
-        "active", "trialing", "past_due") else ""
+    subscription_id = _renewal_carries(period=period, billing=billing)
     params = {
         "customer_id": billing.stripe_customer_id,
         "amount_cents": amount,
@@ -66,6 +65,18 @@ def _overage_record(*, period: UsagePeriod, billing: BillingAccount, reason: str
     return invoice
 
 
+def _renewal_carries(*, period: UsagePeriod, billing: BillingAccount) -> str:
+    """The subscription whose next renewal invoice carries the period's overage item, or ""
+    when it gets an invoice of its own: a monthly subscription's renewal comes within a
+    month, a yearly one's up to a year later (each month's overage is invoiced when that
+    month ends), and a period outside a live subscription has no renewal to wait for."""
+    live = billing.subscription_status in LIVE_STATUSES and billing.access_ended_at is None
+    if not live or billing.interval != "month":
+        return ""
+    linked = SubscriptionPeriod.objects.filter(period=period, stripe_subscription_id=billing.stripe_subscription_id)
+    return billing.stripe_subscription_id if linked.exists() else ""
+
+
 def overage_invoice_period(*, period_id: int, reason: str = "period_end") -> OverageInvoice | None:
     """Bill a period's overage not billed yet as one Stripe invoice item.
 
@@ -77,10 +88,8 @@ def overage_invoice_period(*, period_id: int, reason: str = "period_end") -> Ove
     with transaction.atomic():
         period = UsagePeriod.objects.select_related("account").get(pk=period_id)
         billing = BillingAccount.objects.select_for_update().filter(account_id=period.account_id).first()
-        if billing is None or not billing.stripe_customer_id or billing.current_period_start is None:
-            return None
-        if not SubscriptionPeriod.objects.filter(period_id=period_id, billing_account=billing).exists():
-            return None  # a calendar-month period: Stripe bills no overage for it
+        if billing is None or not billing.stripe_customer_id:
+            return None  # no Stripe customer: no way to pay, so no overage was granted
         invoice = OverageInvoice.objects.filter(period=period, state=OverageInvoice.State.STARTED).first()
         if invoice is None:
             invoice = _overage_record(period=period, billing=billing, reason=reason)
@@ -105,23 +114,31 @@ def overage_invoice_push(*, overage_invoice_id: int) -> OverageInvoice:
             state=OverageInvoice.State.CREATED, stripe_invoice_item_id=item["id"], last_error="",
             updated_at=timezone.now())
     invoice.refresh_from_db()
-    # Early overage is invoiced now; so is overage of a subscription that has ended,
-    # as no renewal invoice will come to carry the pending item.
-    if (invoice.reason == "threshold" or not invoice.stripe_params.get("subscription_id")) \
-            and not invoice.stripe_invoice_id:
+    if _needs_own_invoice(invoice):
         _invoice_now(invoice=invoice)
     return invoice
 
 
+def _needs_own_invoice(invoice: OverageInvoice) -> bool:
+    """Early overage is invoiced now; so is overage no renewal invoice will carry soon
+    (a yearly subscription's months, a period outside a live subscription)."""
+    return (invoice.state == OverageInvoice.State.CREATED and not invoice.stripe_invoice_id
+            and (invoice.reason == "threshold" or not invoice.stripe_params.get("subscription_id")))
+
+
 def _invoice_now(*, invoice: OverageInvoice) -> None:
-    """Early overage: invoice the pending item now instead of with the next renewal."""
+    """An invoice of its own for the pending item, created and finalized now (so Stripe
+    charges it), each call with a key derived from the item's."""
     try:
         stripe_invoice = stripe_client.invoice_create_now(
             customer_id=invoice.stripe_params["customer_id"], description="Token overage",
             metadata={"overage_invoice_id": str(invoice.pk)}, idempotency_key=f"{invoice.idempotency_key}-invoice")
+        if stripe_invoice["status"] == "draft":
+            stripe_invoice = stripe_client.invoice_finalize(invoice_id=stripe_invoice["id"],
+                                                            idempotency_key=f"{invoice.idempotency_key}-finalize")
     except ApplicationError:
-        # The item stays pending on the customer and goes out with the next invoice.
-        logger.exception("early invoice for overage item %s failed", invoice.pk)
+        # The item stays pending on the customer; the next run of the job tries again.
+        logger.exception("invoice for overage item %s failed", invoice.pk)
         return
     OverageInvoice.objects.filter(pk=invoice.pk, stripe_invoice_id="").update(stripe_invoice_id=stripe_invoice["id"])
 
@@ -130,7 +147,9 @@ def overage_bill_ended_periods(*, now: datetime | None = None, account_id: int |
     """Periodic (and after each period change): bill every ended period with
     overage not billed yet, and resume unfinished items. Safe to run twice."""
     now = now or timezone.now()
-    periods = UsagePeriod.objects.filter(ends_at__lte=now, subscription_link__isnull=False)
+    # Every period of an account with a Stripe customer: overage is only granted where it
+    # can be invoiced (metering's can_pay), and every token granted is billed.
+    periods = UsagePeriod.objects.filter(ends_at__lte=now, account__billing__stripe_customer_id__isnull=False)
     if account_id is not None:
         periods = periods.filter(account_id=account_id)
     unbilled = periods.filter(used__gt=F("token_limit")).annotate(
@@ -149,6 +168,13 @@ def overage_bill_ended_periods(*, now: datetime | None = None, account_id: int |
                 done.append(period_id)
         except ApplicationError:
             logger.exception("overage billing of period %s failed; it is retried on the next run", period_id)
+    # Items whose own invoice could not be made last time (Stripe down between the two calls).
+    uninvoiced = OverageInvoice.objects.filter(state=OverageInvoice.State.CREATED, stripe_invoice_id="")
+    if account_id is not None:
+        uninvoiced = uninvoiced.filter(period__account_id=account_id)
+    for invoice in uninvoiced:
+        if _needs_own_invoice(invoice):
+            _invoice_now(invoice=invoice)
     return done
 
 
@@ -158,7 +184,8 @@ def overage_bill_thresholds(*, now: datetime | None = None) -> list[int]:
     now = now or timezone.now()
     candidates = UsagePeriod.objects.filter(
         starts_at__lte=now, ends_at__gt=now, used__gt=F("token_limit"),
-        account__tier__overage_billing_threshold_cents__isnull=False, subscription_link__isnull=False,
+        account__tier__overage_billing_threshold_cents__isnull=False,
+        account__billing__stripe_customer_id__isnull=False,
     ).select_related("account__tier")
     done = []
     for period in candidates:

@@ -16,7 +16,8 @@ from metering.services import account_apply_terms, account_for_user, period_alig
 from .. import stripe_client
 from ..models import BillingAccount, SubscriptionPeriod, TierPrice
 from ..selectors import tier_price_by_stripe_id
-from .common import ACCOUNT_STATUS, SubscriptionState, add_months, tier_rank
+from .common import ACCOUNT_STATUS, LIVE_STATUSES, SubscriptionState, billing_period_at, tier_rank, usage_month
+from .comps import comp_in_force
 from .overage import overage_bill_account_on_commit
 
 logger = logging.getLogger(__name__)
@@ -160,12 +161,18 @@ def _follow(*, billing: BillingAccount, account: Account, state: SubscriptionSta
             now: datetime) -> None:
     """The account takes the subscription's tier (a downgrade waits for the next period),
     status and period; its usage period follows Stripe's."""
-    if new_period or tier_rank(tier) >= tier_rank(account.tier):
+    comp = comp_in_force(account_id=account.pk, now=now)
+    if comp is not None:
+        account.tier = comp.tier  # a comp wins while in force; its end brings back what this price buys
+        billing.pending_tier = None
+    elif new_period or tier_rank(tier) >= tier_rank(account.tier):
         account.tier = tier
         billing.pending_tier = None
     else:
         billing.pending_tier = tier  # a downgrade: at the next period
     account.status = ACCOUNT_STATUS.get(state.status, account.status)
+    # A live subscription is a way to pay: overage can be invoiced (unpaid/paused is not).
+    account.can_pay = state.status in LIVE_STATUSES or customer_can_pay(billing)
     if state.status in ("past_due", "unpaid") and billing.payment_failed_at is None:
         billing.payment_failed_at = now
     billing.stripe_subscription_id = state.id
@@ -179,8 +186,11 @@ def _follow(*, billing: BillingAccount, account: Account, state: SubscriptionSta
     billing.access_ended_at = None
     billing.full_clean()
     billing.save()
-    account.save(update_fields=["tier", "status"])
-    period = period_align(account=account, starts_at=state.period_start, ends_at=state.period_end)
+    account.save(update_fields=["tier", "status", "can_pay"])
+    # Allowances are monthly whatever the interval: the usage period is the month of
+    # Stripe's (monthly or yearly) billing period in which we are.
+    month_start, month_end = usage_month(start=state.period_start, end=state.period_end, now=now)
+    period = period_align(account=account, starts_at=month_start, ends_at=month_end)
     SubscriptionPeriod.objects.get_or_create(period=period, defaults={
         "billing_account": billing, "stripe_subscription_id": state.id})
     account_apply_terms(account=account, now=now)
@@ -206,9 +216,13 @@ def _subscription_ended(*, billing: BillingAccount, account: Account, state: Sub
 
 
 def _access_end(*, billing: BillingAccount, account: Account, now: datetime) -> None:
-    default = settings.BILLING_DEFAULT_TIER
-    account.tier = Tier.objects.filter(slug=default).first() if default else None
-    account.save(update_fields=["tier"])
+    """The paid time is over: the account is under the same policy as a new one (the
+    DEFAULT_TIER, or none), and has overage room only with a payment method on file."""
+    comp = comp_in_force(account_id=account.pk, now=now)  # a comp outlives the paid time until it ends
+    account.tier = comp.tier if comp is not None else (
+        Tier.objects.filter(slug=settings.DEFAULT_TIER).first() if settings.DEFAULT_TIER else None)
+    account.can_pay = customer_can_pay(billing)
+    account.save(update_fields=["tier", "can_pay"])
     billing.access_ended_at = now
     billing.save(update_fields=["access_ended_at", "updated_at"])
     account_apply_terms(account=account, now=now)
@@ -233,23 +247,53 @@ def subscriptions_expire(*, now: datetime | None = None) -> int:
 
 def subscription_period_bounds(account: Any, now: datetime) -> tuple[datetime, datetime] | None:
     """Registered with metering: where a lazily opened period of a subscribed account
-    starts and ends. Until the renewal webhook arrives, the next period is Stripe's
-    period rolled forward by the interval; the webhook then confirms it."""
+    starts and ends. Usage periods are the months of the billing period (a yearly one is
+    twelve), anchored on its start; until the renewal webhook arrives, the next billing
+    period is Stripe's rolled forward by the interval, and the webhook then confirms it."""
     billing = BillingAccount.objects.filter(account_id=account.pk).first()
     if billing is None or billing.current_period_start is None or billing.current_period_end is None:
         return None
+    if now < billing.current_period_start:
+        return None
     if billing.paid_through is not None:
         if now < billing.paid_through:
-            return billing.current_period_start, billing.paid_through
+            return usage_month(start=billing.current_period_start, end=billing.paid_through, now=now)
         # After the paid end: calendar months, the first one starting at the paid end.
         _, month_end = calendar_month(billing.paid_through)
         return (billing.paid_through, month_end) if now < month_end else None
-    start, end = billing.current_period_start, billing.current_period_end
-    if now < start:
-        return None
-    months = 12 if billing.interval == "year" else 1
-    steps = 0
-    while end <= now:
-        steps += 1
-        start, end = end, add_months(billing.current_period_end, months * steps)
-    return start, end
+    start, end = billing_period_at(start=billing.current_period_start, end=billing.current_period_end,
+                                   interval=billing.interval, now=now)
+    return usage_month(start=start, end=end, now=now)
+
+
+def customer_can_pay(billing: BillingAccount) -> bool:
+    """Whether the Stripe customer has a way to pay without a subscription: a default payment
+    method (or source) for invoices, as dj-stripe last synced it."""
+    if not billing.stripe_customer_id:
+        return False
+    from djstripe.models import Customer
+
+    customer = Customer.objects.filter(id=billing.stripe_customer_id).first()
+    data = dict(customer.stripe_data or {}) if customer is not None else {}
+    settings_ = data.get("invoice_settings") or {}
+    return bool(settings_.get("default_payment_method") or data.get("default_source"))
+
+
+def customer_payment_apply(*, customer_id: str, now: datetime | None = None) -> str:
+    """`customer.updated`: a payment method added or removed. An account without a live
+    subscription gets overage room exactly while its customer can pay."""
+    now = now or timezone.now()
+    billing = billing_account_for_customer(customer_id=customer_id)
+    if billing is None:
+        return "unknown_customer"
+    with transaction.atomic():
+        billing = BillingAccount.objects.select_for_update().get(pk=billing.pk)
+        account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=billing.account_id)
+        live = billing.subscription_status in LIVE_STATUSES and billing.access_ended_at is None
+        can_pay = live or customer_can_pay(billing)
+        if account.can_pay == can_pay:
+            return "unchanged"
+        account.can_pay = can_pay
+        account.save(update_fields=["can_pay"])
+        account_apply_terms(account=account, now=now)
+    return "applied"

@@ -194,7 +194,10 @@ ESTIMATE_CACHE_SECONDS = env.int("ESTIMATE_CACHE_SECONDS", default=3600)
 # How long a worker keeps an operation type's and provider's estimation rules (a staff
 # change applies in that worker at once, in the others within this).
 ESTIMATE_RULES_CACHE_SECONDS = env.float("ESTIMATE_RULES_CACHE_SECONDS", default=5)
-DEFAULT_TIER = env("DEFAULT_TIER", default="basic")
+# The one policy for accounts nobody pays for: the tier of a new account and of one whose
+# canceled subscription's paid time is over (empty: none, no tokens). Such an account has no
+# overage room unless its Stripe customer has a payment method on file.
+DEFAULT_TIER = env("DEFAULT_TIER", default="basic") or None
 # Where tiktoken keeps its encoding files; seeded from the installed bpe-openai package
 # so estimation works offline, while a real deployment can still download.
 TIKTOKEN_CACHE_DIR = env("TIKTOKEN_CACHE_DIR", default=str(Path.home() / ".cache" / "consensus-tokens" / "tiktoken"))
@@ -236,9 +239,6 @@ DJSTRIPE_USE_NATIVE_JSONFIELD = True
 # Billing
 # Days after a failed payment before the account is held to its included tokens.
 BILLING_GRACE_PERIOD_DAYS = env.int("BILLING_GRACE_PERIOD_DAYS", default=3)
-# Tier an account falls back to once a canceled subscription's paid time is over
-# (empty: no allowance).
-BILLING_DEFAULT_TIER = env("BILLING_DEFAULT_TIER", default="") or None
 
 LOGGING = {
     "version": 1,

@@ -27,6 +27,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +39,18 @@ import urllib.request
 FIXTURES = Path(__file__).parent / "fixtures" / "openapi-fixtures3.json"
 API_VERSION = "2026-05-27.dahlia"
 MONTH = 30 * 24 * 3600
+
+
+def period_end(start: int, interval: str) -> int:
+    """A billing period's end: a 30-day month (as the tests count), or twelve calendar months
+    (as Stripe counts a year: Feb 29 + 1 year = Feb 28)."""
+    if interval != "year":
+        return start + MONTH
+    moment = datetime.fromtimestamp(start, tz=timezone.utc)
+    try:
+        return int(moment.replace(year=moment.year + 1).timestamp())
+    except ValueError:  # Feb 29
+        return int(moment.replace(year=moment.year + 1, day=28).timestamp())
 
 
 @dataclass
@@ -109,6 +122,11 @@ class FakeStripe:
         # hook(call, status, body). Tests use them to break things at exact moments.
         self.before_answer: list[Callable[[Call, int, dict[str, Any]], None]] = []
         self.fail_next: list[tuple[str, str, int]] = []  # (method, path regex, status)
+        # Events Stripe sends because of an API call (a subscription update), for tests to deliver.
+        self.outbox: list[dict[str, Any]] = []
+        # Each price change a subscription update applied (subscription, item, from_price, price,
+        # proration_behavior, proration); the request itself, key included, is in `calls`.
+        self.subscription_updates: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         self.account = self._from_template("account", id="acct_1FakeConsensus0001", email="billing@example.com")
         self._server: ThreadingHTTPServer | None = None
@@ -213,8 +231,11 @@ class FakeStripe:
             ("GET", r"/v1/customers/([^/]+)", lambda p, i: self.get("customer", i)),
             ("GET", r"/v1/subscriptions", lambda p: self._list("subscription", p)),
             ("GET", r"/v1/subscriptions/([^/]+)", lambda p, i: self.get("subscription", i)),
+            ("POST", r"/v1/subscriptions/([^/]+)", self._subscription_update),
             ("GET", r"/v1/subscription_items/([^/]+)", lambda p, i: self.get("subscription_item", i)),
             ("POST", r"/v1/invoices", self._invoice_create_now),
+            ("POST", r"/v1/invoices/([^/]+)/finalize", self._invoice_finalize),
+            ("POST", r"/v1/customers/([^/]+)", self._customer_update),
             ("GET", r"/v1/invoices", lambda p: self._list("invoice", p)),
             ("GET", r"/v1/invoices/([^/]+)", lambda p, i: self.get("invoice", i)),
             ("GET", r"/v1/invoices/([^/]+)/lines", lambda p, i: self.get("invoice", i)["lines"]),
@@ -230,6 +251,9 @@ class FakeStripe:
             ("GET", r"/v1/checkout/sessions/([^/]+)", lambda p, i: self.get("checkout.session", i)),
             ("POST", r"/v1/billing_portal/sessions", self._portal_session_create),
             ("GET", r"/v1/events/([^/]+)", lambda p, i: self.get("event", i)),
+            ("GET", r"/v1/payment_methods/([^/]+)", lambda p, i: self.get("payment_method", i)),
+            ("GET", r"/v1/customers/([^/]+)/payment_methods", lambda p, i: self._list(
+                "payment_method", p, [m for m in self.all("payment_method") if m.get("customer") == i])),
         ]
 
     # --- objects ------------------------------------------------------------------------------------
@@ -410,9 +434,28 @@ class FakeStripe:
             net_amount=amount, quantity=1, quantity_decimal="1", proration=False, discounts=[], tax_rates=[]))
 
     def _invoice_create_now(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A draft with the customer's pending items, as Stripe creates it."""
         invoice = self._invoice_build(customer_id=p["customer"], subscription_id=None, lines=[],
                                       billing_reason="manual", period=(int(time.time()), int(time.time())))
+        invoice.update(status="draft", metadata=p.get("metadata") or {}, description=p.get("description"))
+        invoice["status_transitions"]["finalized_at"] = None
         return copy.deepcopy(invoice)
+
+    def _invoice_finalize(self, p: dict[str, Any], invoice_id: str) -> dict[str, Any]:
+        invoice = self.get("invoice", invoice_id)
+        if invoice["status"] != "draft":
+            raise StripeHTTPError(400, f"Invoice {invoice_id} is already finalized.", code="invoice_not_editable")
+        invoice = self.objects["invoice"][invoice_id]
+        invoice["status"] = "open"
+        invoice["status_transitions"]["finalized_at"] = int(time.time())
+        return copy.deepcopy(invoice)
+
+    def _customer_update(self, p: dict[str, Any], customer_id: str) -> dict[str, Any]:
+        self.get("customer", customer_id)
+        customer = self.objects["customer"][customer_id]
+        if "invoice_settings" in p:
+            customer["invoice_settings"] = {**(customer.get("invoice_settings") or {}), **p["invoice_settings"]}
+        return copy.deepcopy(customer)
 
     # --- Stripe-side happenings (each returns the events Stripe would send) ------------------------------
 
@@ -503,7 +546,8 @@ class FakeStripe:
         with self.lock:
             session = self.objects["checkout.session"][session_id]
             start = start or int(time.time())
-            end = end or start + MONTH
+            price_id = self.session_prices[session_id]
+            end = end or period_end(start, self.get("price", price_id)["recurring"]["interval"])
             sub_id = self._new_id("sub")
             sub = self._from_template(
                 "subscription", id=sub_id, customer=session["customer"], status="active" if pay else "incomplete",
@@ -513,7 +557,7 @@ class FakeStripe:
                 pending_invoice_item_interval=None, billing_thresholds=None, billing_schedules=[],
                 billing_cycle_anchor_config=None, metadata=session.get("metadata") or {}, discounts=[],
                 latest_invoice=None, schedule=None, test_clock=None, managed_payments=None)
-            self._set_item(sub, self.session_prices[session_id], start, end)
+            self._set_item(sub, price_id, start, end)
             invoice = self._invoice_build(customer_id=sub["customer"], subscription_id=sub_id,
                                           lines=[self._subscription_line(sub)], billing_reason="subscription_create",
                                           period=(start, start))
@@ -527,6 +571,72 @@ class FakeStripe:
             events.append(self.event("invoice.payment_succeeded" if pay else "invoice.payment_failed", invoice))
             return events
 
+    def _subscription_update(self, p: dict[str, Any], sub_id: str) -> dict[str, Any]:
+        """POST /v1/subscriptions/{id} with items=[{id, price}]: the item moves to the price now,
+        its period stays. Prorations as Stripe makes them: `always_invoice` invoices (and charges)
+        the difference for the rest of the period at once, `create_prorations` leaves it as a
+        pending invoice item for the next invoice, `none` makes none. Stripe's
+        `customer.subscription.updated` (and the proration invoice's payment) go to `outbox`."""
+        sub = self.objects.get("subscription", {}).get(sub_id)
+        if sub is None:
+            raise StripeHTTPError(404, f"No such subscription: '{sub_id}'", code="resource_missing", param="id")
+        if sub["status"] in ("canceled", "incomplete_expired"):
+            raise StripeHTTPError(400, "A canceled subscription can only update its cancellation_details and "
+                                       "metadata.", param="items")
+        behavior = p.get("proration_behavior", "create_prorations")
+        if behavior not in ("always_invoice", "create_prorations", "none"):
+            raise StripeHTTPError(400, f"Invalid proration_behavior: {behavior}", param="proration_behavior")
+        previous = {"items": copy.deepcopy(sub["items"])}
+        proration = 0
+        for i, change in enumerate(p.get("items") or []):
+            item = sub["items"]["data"][0]
+            if change.get("id") != item["id"]:
+                raise StripeHTTPError(400, f"No such subscription item: '{change.get('id')}'",
+                                      code="resource_missing", param=f"items[{i}][id]")
+            if "price" not in change:
+                continue
+            price = self.get("price", change["price"])
+            if not price["active"]:
+                raise StripeHTTPError(400, f"The price `{price['id']}` is not active.", param=f"items[{i}][price]")
+            start, end = item["current_period_start"], item["current_period_end"]
+            left = max(0.0, (end - time.time()) / (end - start)) if end > start else 0.0
+            proration = round((price["unit_amount"] - item["price"]["unit_amount"]) * left)
+            self.subscription_updates.append({"subscription": sub_id, "item": item["id"],
+                                              "from_price": item["price"]["id"], "price": price["id"],
+                                              "proration_behavior": behavior, "proration": proration})
+            self._set_item(sub, price["id"], start, end)
+        if "metadata" in p:
+            sub["metadata"] = {**(sub.get("metadata") or {}), **p["metadata"]}
+        events = [self.event("customer.subscription.updated", sub, previous=previous)]
+        if proration and behavior == "always_invoice":
+            item = sub["items"]["data"][0]
+            line = self._line("", amount=proration, description="Remaining time at the new price (prorated)",
+                              period={"start": int(time.time()), "end": item["current_period_end"]},
+                              parent={"type": "subscription_item_details", "invoice_item_details": None,
+                                      "subscription_item_details": {
+                                          "invoice_item": None, "proration": True,
+                                          "proration_details": {"credited_items": None},
+                                          "subscription": sub_id, "subscription_item": item["id"]}})
+            invoice = self._invoice_build(customer_id=sub["customer"], subscription_id=sub_id, lines=[line],
+                                          billing_reason="subscription_update",
+                                          period=(int(time.time()), int(time.time())))
+            self._mark_paid(invoice)
+            sub["latest_invoice"] = invoice["id"]
+            events.append(self.event("invoice.payment_succeeded", invoice))
+        elif proration and behavior == "create_prorations":
+            self._invoiceitem_create({"customer": sub["customer"], "amount": str(proration),
+                                      "currency": sub["items"]["data"][0]["price"]["currency"],
+                                      "description": "Remaining time at the new price (prorated)",
+                                      "subscription": sub_id})
+        self.outbox.extend(events)
+        return copy.deepcopy(sub)
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events Stripe sent because of API calls since the last take (see `outbox`)."""
+        with self.lock:
+            events, self.outbox = self.outbox, []
+            return events
+
     def _mark_paid(self, invoice: dict[str, Any]) -> None:
         now = int(time.time())
         invoice.update(status="paid", amount_paid=invoice["amount_due"], amount_remaining=0, attempted=True,
@@ -534,13 +644,41 @@ class FakeStripe:
         invoice["status_transitions"]["paid_at"] = now
 
     def subscription_change_price(self, sub_id: str, price_id: str) -> list[dict[str, Any]]:
-        """A plan change in the portal: the price changes now, the period stays."""
+        """A plan change in the portal: the price changes now and the period stays; a change
+        of interval (monthly <-> yearly) resets the billing cycle anchor to now, starts a new
+        period and invoices it at once (prorated), as Stripe does."""
         with self.lock:
             sub = self.objects["subscription"][sub_id]
             item = sub["items"]["data"][0]
             previous = {"items": copy.deepcopy(sub["items"])}
-            self._set_item(sub, price_id, item["current_period_start"], item["current_period_end"])
-            return [self.event("customer.subscription.updated", sub, previous=previous)]
+            interval = self.get("price", price_id)["recurring"]["interval"]
+            if interval == item["price"]["recurring"]["interval"]:
+                self._set_item(sub, price_id, item["current_period_start"], item["current_period_end"])
+                return [self.event("customer.subscription.updated", sub, previous=previous)]
+            start = int(time.time())
+            self._set_item(sub, price_id, start, period_end(start, interval))
+            sub["billing_cycle_anchor"] = start
+            invoice = self._invoice_build(customer_id=sub["customer"], subscription_id=sub_id,
+                                          lines=[self._subscription_line(sub)], billing_reason="subscription_update",
+                                          period=(start, start))
+            self._mark_paid(invoice)
+            sub["latest_invoice"] = invoice["id"]
+            return [self.event("customer.subscription.updated", sub, previous=previous),
+                    self.event("invoice.payment_succeeded", invoice)]
+
+    def customer_payment_method(self, customer_id: str, *, saved: bool = True) -> dict[str, Any]:
+        """The customer saved a card as the default for invoices (or removed it): `customer.updated`."""
+        with self.lock:
+            customer = self.objects["customer"][customer_id]
+            payment_method = None
+            if saved:
+                payment_method = self._new_id("pm")
+                self.store("payment_method", self._from_template(
+                    "payment_method", id=payment_method, customer=customer_id, created=int(time.time())))
+            previous = {"invoice_settings": copy.deepcopy(customer.get("invoice_settings") or {})}
+            customer["invoice_settings"] = {**(customer.get("invoice_settings") or {}),
+                                            "default_payment_method": payment_method}
+            return self.event("customer.updated", customer, previous=previous)
 
     def subscription_renew(self, sub_id: str, *, pay: bool = True, start: int | None = None) -> list[dict[str, Any]]:
         """The period ended: a new period starts and its invoice (with the customer's pending
@@ -549,7 +687,7 @@ class FakeStripe:
             sub = self.objects["subscription"][sub_id]
             item = sub["items"]["data"][0]
             start = start or int(time.time())
-            end = start + MONTH
+            end = period_end(start, item["price"]["recurring"]["interval"])
             previous = {"items": copy.deepcopy(sub["items"]), "status": sub["status"]}
             self._set_item(sub, item["price"]["id"], start, end)
             invoice = self._invoice_build(customer_id=sub["customer"], subscription_id=sub_id,

@@ -51,7 +51,7 @@ def test_setup_stripe_twice_second_run_creates_nothing(settings, live_server, st
     assert endpoint["url"].startswith(live_server.url + "/stripe/webhook/")
     assert sorted(endpoint["enabled_events"]) == sorted([
         "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
-        "invoice.payment_succeeded", "invoice.payment_failed", "invoice.upcoming"])
+        "invoice.payment_succeeded", "invoice.payment_failed", "invoice.upcoming", "customer.updated"])
     for call in fake.calls_to("POST", CREATE_PATHS):
         assert call.idempotency_key and call.idempotency_key.startswith("ct-"), call
 

@@ -167,7 +167,7 @@ def test_an_accounts_tier_change_applies_at_once(api, make_user, settings, djang
     from django.core.management import call_command
 
     settings.RATELIMIT_TIER_CACHE_SECONDS = 3600
-    settings.BILLING_DEFAULT_TIER = "basic"
+    settings.DEFAULT_TIER = "basic"
     set_tier_rate("basic", 2)
     moved, canceled = make_user("enterprise"), make_user("pro")
     assert api.get(f"/api/tokens/usage?userId={moved.pk}")["X-RateLimit-Limit"] == "1000"
