@@ -68,11 +68,19 @@ def _optional_bool(value: Any) -> bool:
     return str(value).lower() in ("1", "true", "on", "yes")
 
 
-def _plan(account, tiers: list[Tier], billing: dict[str, Any] | None) -> dict[str, Any]:
+def _plan(account, tiers: list[Tier], billing: dict[str, Any] | None, current: UsagePeriod) -> dict[str, Any]:
+    """The plan card: the tier, and the terms in force now, taken from the current period
+    (the true monthly allowance and next reset, whatever the billing interval, and the
+    overage room the account really has)."""
     tier = account.tier
     upgrades = [t for t in tiers if tier is None or t.monthly_token_limit > tier.monthly_token_limit]
     return {
         "tier": tier,
+        "allowance": current.token_limit,
+        "next_reset": current.ends_at,
+        "overage_room": max(0, current.cap - current.token_limit),
+        "can_pay": account.can_pay,
+        "yearly": (billing or {}).get("interval") == "year",
         "features": list(tier.features or []) if tier else [],
         "others": [t for t in tiers if tier is None or t.pk != tier.pk],
         "upgrades": upgrades,
@@ -135,7 +143,7 @@ class DashboardView(LoginRequiredMixin, TemplateView):
             "activity": activity, "activity_filter": activity_filter,
             "activity_query": query.urlencode(), "filtered": bool(filters and any(filters.values())),
             "periods": selectors.periods_recent(account_id=account.pk),
-            "plan": _plan(account, tiers, billing_summary(account=account)),
+            "plan": _plan(account, tiers, billing_summary(account=account), current),
             "preferences": alert_preferences_get(user=user),
         })
         return context

@@ -126,6 +126,9 @@ def _webhook_endpoint_setup(*, report: SetupReport) -> None:
     from djstripe.models import WebhookEndpoint
 
     url, endpoint_uuid = webhook_endpoint_url()
+    if settings.STRIPE_WEBHOOK_SECRET:
+        _stripe_cli_endpoint(url=url, endpoint_uuid=endpoint_uuid, report=report)
+        return
     local = WebhookEndpoint.objects.filter(djstripe_uuid=endpoint_uuid).first()
     remote = {e["id"]: e for e in stripe_client.webhook_endpoints_list()}
     if local is not None and local.id in remote and local.secret:
@@ -155,3 +158,27 @@ def _webhook_endpoint_setup(*, report: SetupReport) -> None:
     WebhookEndpoint.objects.filter(djstripe_uuid=endpoint_uuid).exclude(id=created["id"]).delete()
     WebhookEndpoint.sync_from_stripe_data(created, api_key=settings.STRIPE_SECRET_KEY)
     report.created.append(f"webhook endpoint {created['id']} {url}")
+
+
+def _stripe_cli_endpoint(*, url: str, endpoint_uuid: uuid.UUID, report: SetupReport) -> None:
+    """The local loop: `stripe listen --forward-to <url>` signs with the CLI's own secret,
+    given here as STRIPE_WEBHOOK_SECRET. Our endpoint is registered locally only (Stripe
+    cannot reach a developer's machine) and verifies signatures with that secret."""
+    from djstripe.enums import WebhookEndpointStatus
+    from djstripe.models import WebhookEndpoint
+    from djstripe.settings import djstripe_settings
+
+    fields = {"url": url, "secret": settings.STRIPE_WEBHOOK_SECRET, "enabled_events": WEBHOOK_EVENTS,
+              "status": WebhookEndpointStatus.enabled, "livemode": False,
+              "api_version": djstripe_settings.STRIPE_API_VERSION}
+    endpoint = WebhookEndpoint.objects.filter(djstripe_uuid=endpoint_uuid).first()
+    if endpoint is None:
+        WebhookEndpoint.objects.create(id=f"we_cli_{endpoint_uuid.hex[:24]}", djstripe_uuid=endpoint_uuid, **fields)
+        report.created.append(f"webhook endpoint for the Stripe CLI: stripe listen --forward-to {url}")
+        return
+    changed = any(getattr(endpoint, name) != value for name, value in fields.items())
+    for name, value in fields.items():
+        setattr(endpoint, name, value)
+    endpoint.save()
+    (report.updated if changed else report.existing).append(
+        f"webhook endpoint for the Stripe CLI: stripe listen --forward-to {url}")

@@ -227,6 +227,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Stripe / dj-stripe
 STRIPE_SECRET_KEY = env("STRIPE_SECRET_KEY", default="")
 STRIPE_PUBLISHABLE_KEY = env("STRIPE_PUBLISHABLE_KEY", default="")
+# The local loop with the Stripe CLI: the secret `stripe listen` prints (whsec_...). Set, our
+# webhook endpoint is registered locally by `setup_stripe` and verifies with it (README).
+STRIPE_WEBHOOK_SECRET = env("STRIPE_WEBHOOK_SECRET", default="")
 STRIPE_LIVE_MODE = STRIPE_SECRET_KEY.startswith("sk_live_")
 STRIPE_TEST_SECRET_KEY = STRIPE_SECRET_KEY if not STRIPE_LIVE_MODE else ""
 STRIPE_LIVE_SECRET_KEY = STRIPE_SECRET_KEY if STRIPE_LIVE_MODE else ""

@@ -212,3 +212,44 @@ def test_no_overage_without_a_way_to_pay_until_a_card_is_saved_then_invoiced_at_
     # The card removed: overage room goes, tokens already used stay.
     deliver_all(fake, [fake.customer_payment_method(billing.stripe_customer_id, saved=False)])
     assert not Account.objects.get(user=user).can_pay
+
+
+def test_the_stripe_cli_local_loop_is_accepted_with_its_own_secret(settings, live_server, stripe_on, client,
+                                                                    make_user):
+    """`stripe listen --forward-to <url>` signs with the CLI's secret: with STRIPE_WEBHOOK_SECRET
+    set, setup_stripe registers our endpoint locally with it (Stripe cannot reach localhost)."""
+    import json
+    import urllib.error
+    import urllib.request
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    fake = stripe_on
+    settings.SITE_URL = live_server.url
+    settings.STRIPE_WEBHOOK_SECRET = "whsec_cli_0123456789abcdef"
+    out = StringIO()
+    call_command("setup_stripe", stdout=out)
+    call_command("setup_stripe", stdout=StringIO())  # a second run changes nothing
+    assert "stripe listen --forward-to " + live_server.url + "/stripe/webhook/" in out.getvalue()
+    assert not fake.all("webhook_endpoint") and not fake.calls_to("POST", r"/v1/webhook_endpoints")
+    url = out.getvalue().split("--forward-to ")[1].split()[0]
+
+    user = make_user("basic", can_pay=False)
+    billing = customer_ensure(user=user)
+    event = fake.customer_payment_method(billing.stripe_customer_id)
+
+    def post(secret: str) -> int:
+        payload = json.dumps(event)
+        request = urllib.request.Request(url, data=payload.encode(), method="POST", headers={
+            "Content-Type": "application/json", "Stripe-Signature": fake.sign(payload, secret)})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert post("whsec_someone_else") == 400
+    assert not Account.objects.get(user=user).can_pay
+    assert post(settings.STRIPE_WEBHOOK_SECRET) == 200
+    assert Account.objects.get(user=user).can_pay
