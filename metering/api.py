@@ -216,7 +216,11 @@ class ConsumeInput(serializers.Serializer):
     operationType = serializers.CharField(max_length=40)
     provider = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
     model = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
-    reservationId = serializers.UUIDField(required=False, allow_null=True, default=None)
+    reservationId = serializers.UUIDField(
+        required=False, allow_null=True, default=None,
+        help_text="The hold (from /check with reserve) this consume settles: its tokens are freed and the actual "
+                  "tokens recorded, beyond the hold only within the room left under the cap (else 402 "
+                  "token_cap_exceeded, nothing recorded, the hold kept). In a batch, each hold once.")
     estimatedTokens = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0,
                                          max_value=settings.MAX_TOKENS_PER_REQUEST)
 

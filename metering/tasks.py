@@ -10,12 +10,19 @@ from celery import shared_task
 
 from consensus_tokens.jobs import run_locked
 
-from .services import cleanup_run, ledger_rollup_refresh, ledger_rollup_verify, reconcile_run, rollover_run
+from .services import (cleanup_run, ledger_rollup_refresh, ledger_rollup_verify, reconcile_run,
+                       reservations_expiry_run, rollover_run)
 
 
 @shared_task(name="metering.cleanup")
 def cleanup_task() -> Any:
     return run_locked("cleanup", cleanup_run)
+
+
+@shared_task(name="metering.reservations_expire", ignore_result=True)
+def reservations_expire_task() -> Any:
+    """Write expired holds to the ledger. Schedule every minute."""
+    return run_locked("reservations_expire", reservations_expiry_run)
 
 
 @shared_task(name="metering.rollover")
@@ -25,7 +32,7 @@ def rollover_task() -> Any:
 
 @shared_task(name="metering.reconcile")
 def reconcile_task() -> Any:
-    return run_locked("reconcile", lambda: len(reconcile_run()))
+    return run_locked("reconcile", lambda: reconcile_run().count)
 
 
 @shared_task(name="metering.ledger_rollup_refresh", ignore_result=True)

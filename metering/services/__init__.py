@@ -13,9 +13,19 @@ from .consume.dispatch import usage_consume, usage_consume_batch
 from .consume.orm import consume_refused
 from .context import SYSTEM, RequestContext
 from .estimates import provider_calibrate, tokens_estimate
-from .housekeeping import CleanupResult, cleanup_run, reconcile_run, rollover_run
+from .housekeeping import CleanupResult, cleanup_run, reconcile_run, reservations_expiry_run, rollover_run
 from .keys import service_key_create, service_key_revoke
-from .reconcile import Drift, ledger_misattributed, ledger_reconcile
+from .reconcile import (
+    CapPassed,
+    Drift,
+    OverCap,
+    Reconciliation,
+    consumptions_past_cap,
+    ledger_misattributed,
+    ledger_reconcile,
+    periods_over_cap,
+    reconcile,
+)
 from .rollover import periods_rollover
 from .rollups import RollupDrift, RollupRun, ledger_rollup_refresh, ledger_rollup_verify
 from .staff import account_change_tier, period_reset, reservation_release_by_support, usage_adjust, usage_grant
@@ -38,4 +48,6 @@ __all__ = [
     "usage_get", "usage_grant", "usage_of", "usage_percentage", "usage_status",
     "RollupDrift", "RollupRun", "ledger_rollup_refresh", "ledger_rollup_verify",
     "CleanupResult", "cleanup_run", "periods_rollover", "reconcile_run", "rollover_run",
+    "CapPassed", "OverCap", "Reconciliation", "consumptions_past_cap", "periods_over_cap", "reconcile",
+    "reservations_expiry_run",
 ]

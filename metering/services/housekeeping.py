@@ -1,7 +1,8 @@
-"""The bodies of metering's periodic jobs (metering/schedule.py): stale holds
-released, audit rows past their retention deleted, ended periods closed, and the
-counters proved against the ledger. Each is safe to run twice, late or
-concurrently: the rules they call lock or skip what another run holds."""
+"""The bodies of metering's periodic jobs (metering/schedule.py): expired holds
+written to the ledger, audit rows past their retention deleted, ended periods
+closed, and the counters proved against the ledger and the caps. Each is safe to
+run twice, late or concurrently: the rules they call lock or skip what another run
+holds."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,31 +16,36 @@ from django.utils import timezone
 from consensus_tokens.jobs import delete_in_chunks
 
 from ..models import AuditLog
-from .reconcile import Drift, ledger_reconcile
+from .reconcile import Reconciliation, reconcile
 from .rollover import periods_rollover
 from .usage import reservations_expire_stale
 
 EXPIRE_BATCH = 1000
 
 
-@dataclass(frozen=True)
-class CleanupResult:
-    reservations_expired: int
-    audit_rows_pruned: int
-
-
-def cleanup_run(*, now: datetime | None = None) -> CleanupResult:
-    """Expire stale reservations (releasing their holds, a ledger row each) and
-    delete audit rows older than AUDIT_RETENTION_DAYS. Never the ledger."""
+def reservations_expiry_run(*, now: datetime | None = None) -> int:
+    """Write every hold past its expiry to the ledger (a release, reason "expired"); returns
+    how many. Its tokens were free from the moment it expired (reads count live holds only,
+    writes expire a period's holds first): this makes the ledger say so within a minute."""
     now = now or timezone.now()
     expired = 0
     while True:
         batch = reservations_expire_stale(now=now, limit=EXPIRE_BATCH)
         expired += batch
         if batch < EXPIRE_BATCH:
-            break
+            return expired
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    audit_rows_pruned: int
+
+
+def cleanup_run(*, now: datetime | None = None) -> CleanupResult:
+    """Delete audit rows older than AUDIT_RETENTION_DAYS. Never the ledger."""
+    now = now or timezone.now()
     cutoff = now - timedelta(days=settings.AUDIT_RETENTION_DAYS)
-    return CleanupResult(expired, delete_in_chunks(AuditLog.objects.filter(created_at__lt=cutoff)))
+    return CleanupResult(delete_in_chunks(AuditLog.objects.filter(created_at__lt=cutoff)))
 
 
 def rollover_run(*, now: datetime | None = None) -> int:
@@ -52,11 +58,14 @@ def rollover_run(*, now: datetime | None = None) -> int:
     return closed
 
 
-def reconcile_run() -> list[Drift]:
-    """Counters vs ledger for every period; any drift is e-mailed to staff (ADMINS,
-    from STAFF_EMAILS). Nothing is corrected here: a drift needs a person."""
-    drifts = ledger_reconcile()
-    if drifts:
-        body = render_to_string("emails/staff_reconcile_drift.txt", {"drifts": drifts[:200], "count": len(drifts)})
-        mail_admins(f"Ledger drift in {len(drifts)} period(s)", body)
-    return drifts
+def reconcile_run() -> Reconciliation:
+    """Counters vs ledger, and every period's cap, for every period; anything found is
+    e-mailed to staff (ADMINS, from STAFF_EMAILS). Nothing is corrected here: it needs a person."""
+    found = reconcile()
+    if found:
+        body = render_to_string("emails/staff_reconcile_drift.txt", {
+            "drifts": found.drifts[:200], "count": len(found.drifts),
+            "over_cap": found.over_cap[:200], "over_cap_count": len(found.over_cap),
+            "passed_cap": found.passed_cap[:200], "passed_cap_count": len(found.passed_cap)})
+        mail_admins(found.summary(), body)
+    return found

@@ -14,13 +14,13 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from ..errors import ReservationExpired, ReservationNotFound, UnknownOperationType, UnknownProvider
-from ..models import Account, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
+from ..models import Account, AuditLog, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
 from .accounts import account_for_user, period_current
-from .audit import audit_record
+from .audit import audit_record, audit_row
 from .consume.contract import PeriodFigures, usage_percentage, usage_status
 from .context import RequestContext
 from .prepared import fetch_one_prepared
@@ -71,13 +71,22 @@ class Usage:
         return figures.as_api(self.used)
 
 
-def usage_of(period: UsagePeriod, tier_slug: str | None) -> Usage:
-    return Usage(tier=tier_slug, limit=period.token_limit, used=period.used, reserved=period.reserved, cap=period.cap,
+def usage_of(period: UsagePeriod, tier_slug: str | None, *, reserved: int | None = None) -> Usage:
+    """The period's figures; `reserved` overrides its counter (reserved_live: live holds only)."""
+    return Usage(tier=tier_slug, limit=period.token_limit, used=period.used,
+                 reserved=period.reserved if reserved is None else reserved, cap=period.cap,
                  overage_rate=Decimal(period.overage_rate), period_start=period.starts_at, period_end=period.ends_at)
 
 
+# `reserved` counts live holds only: a hold past its expiry frees its tokens at once, before
+# a write path or the expiry job releases it (the subquery, on the reservation_period_held
+# index, runs only for a period that holds something).
 _USAGE = """
-SELECT t.slug, p.token_limit, p.used, p.reserved, p.cap, p.overage_rate, p.starts_at, p.ends_at
+SELECT t.slug, p.token_limit, p.used,
+       p.reserved - CASE WHEN p.reserved > 0 THEN
+           (SELECT coalesce(sum(r.tokens), 0) FROM metering_reservation r
+            WHERE r.period_id = p.id AND r.status = 'held' AND r.expires_at <= %(now)s) ELSE 0 END,
+       p.cap, p.overage_rate, p.starts_at, p.ends_at
 FROM metering_account a
 LEFT JOIN metering_tier t ON t.id = a.tier_id
 JOIN LATERAL (SELECT * FROM metering_usageperiod cur
@@ -98,7 +107,7 @@ def usage_get(*, user_id: int) -> Usage:
                          overage_rate=Decimal(rate), period_start=starts_at, period_end=ends_at)
     account = account_for_user(user_id=user_id)
     period = period_current(account=account)
-    return usage_of(period, account.tier.slug if account.tier else None)
+    return usage_of(period, account.tier.slug if account.tier else None, reserved=reserved_live(period))
 
 
 def operation_type_get(slug: str) -> OperationType:
@@ -113,15 +122,29 @@ def provider_check(slug: str) -> None:
         raise UnknownProvider(f"Unknown provider '{slug}'.")
 
 
-def within_cap(tokens: int) -> Q:
+def within_cap(tokens: int, *, freed: int = 0) -> Q:
     """The cap as an UPDATE's condition, so concurrent requests can never pass it together:
-    used + reserved + tokens <= cap (the PostgreSQL consume statements say it alike)."""
-    return Q(used__lte=F("cap") - F("reserved") - tokens)
+    used + reserved - freed + tokens <= cap (the PostgreSQL consume statements say it alike).
+    `freed`: the hold a settlement gives back in the same UPDATE, so settling may use more than
+    its hold only within the room left under the cap."""
+    return Q(used__lte=F("cap") - F("reserved") + freed - tokens)
 
 
-def period_available(period: UsagePeriod) -> int:
-    """What may still be used or reserved in the period."""
-    return max(0, period.cap - period.used - period.reserved)
+def period_available(period: UsagePeriod, *, reserved: int | None = None) -> int:
+    """What may still be used or reserved in the period (`reserved`: see usage_of)."""
+    return max(0, period.cap - period.used - (period.reserved if reserved is None else reserved))
+
+
+def reserved_live(period: UsagePeriod, *, now: datetime | None = None) -> int:
+    """The period's reserved tokens less the holds already past their expiry but not yet
+    released (a write path or the expiry job releases them): what reads report, so a hold
+    frees its tokens the moment it expires."""
+    if period.reserved <= 0:
+        return period.reserved
+    stale = (Reservation.objects.filter(period=period, status=Reservation.Status.HELD,
+                                        expires_at__lte=now or timezone.now())
+             .aggregate(tokens=Sum("tokens"))["tokens"])
+    return period.reserved - (stale or 0)
 
 
 # --- check and reserve ---------------------------------------------------------------------------
@@ -135,9 +158,9 @@ class CheckResult:
     reservation: Reservation | None = None
 
 
-def _overage_of(period: UsagePeriod, tokens: int) -> int:
-    """How many of `tokens` would land past the limit."""
-    committed = period.used + period.reserved
+def _overage_of(period: UsagePeriod, tokens: int, *, reserved: int | None = None) -> int:
+    """How many of `tokens` would land past the limit (`reserved`: see usage_of)."""
+    committed = period.used + (period.reserved if reserved is None else reserved)
     return max(0, committed + tokens - max(period.token_limit, committed))
 
 
@@ -148,11 +171,12 @@ def usage_check(*, user_id: int, tokens: int, ctx: RequestContext, operation_typ
     account = account_for_user(user_id=user_id)
     period = period_current(account=account)
     if not reserve:
-        available = period_available(period)
+        reserved = reserved_live(period)
+        available = period_available(period, reserved=reserved)
         sufficient = tokens <= available
         audit_record(ctx=ctx, user_id=user_id, action="check", result="sufficient" if sufficient else "insufficient",
                      tokens=tokens, operation_type=operation_type, operation_id=operation_id)
-        return CheckResult(sufficient, available, _overage_of(period, tokens), period.cap)
+        return CheckResult(sufficient, available, _overage_of(period, tokens, reserved=reserved), period.cap)
     return _reserve(account=account, period=period, tokens=tokens, ctx=ctx, operation_type=operation_type,
                     operation_id=operation_id, ttl_seconds=ttl_seconds)
 
@@ -161,13 +185,20 @@ def _reserve(*, account: Account, period: UsagePeriod, tokens: int, ctx: Request
              operation_id: str, ttl_seconds: int | None) -> CheckResult:
     now = timezone.now()
     if operation_id:
-        held = Reservation.objects.filter(account=account, operation_id=operation_id,
-                                          status=Reservation.Status.HELD).first()
+        held = Reservation.objects.filter(account=account, operation_id=operation_id, status=Reservation.Status.HELD,
+                                          expires_at__gt=now).first()
         if held is not None:  # a retried reserve: answer with the hold already placed
             period.refresh_from_db()
-            return CheckResult(True, period_available(period), 0, period.cap, held)
+            return CheckResult(True, period_available(period, reserved=reserved_live(period, now=now)), 0,
+                               period.cap, held)
     try:
         with transaction.atomic():
+            # expired holds give their tokens back first (and one left under this operation
+            # id, wherever it is, its place: one live hold per operation)
+            stale = Reservation.objects.filter(period=period)
+            if operation_id:
+                stale = stale | Reservation.objects.filter(account=account, operation_id=operation_id)
+            reservations_expire(stale, now=now)
             placed = UsagePeriod.objects.filter(within_cap(tokens), pk=period.pk).update(
                 reserved=F("reserved") + tokens)
             if placed:
@@ -186,14 +217,17 @@ def _reserve(*, account: Account, period: UsagePeriod, tokens: int, ctx: Request
         # the same operation id reserved concurrently: answer with that hold
         held = Reservation.objects.get(account=account, operation_id=operation_id, status=Reservation.Status.HELD)
         period.refresh_from_db()
-        return CheckResult(True, period_available(period), 0, period.cap, held)
+        return CheckResult(True, period_available(period, reserved=reserved_live(period, now=now)), 0, period.cap,
+                           held)
     period.refresh_from_db()
-    available = period_available(period)
+    reserved = reserved_live(period, now=now)
+    available = period_available(period, reserved=reserved)
     if not placed:
         audit_record(ctx=ctx, user_id=account.user_id, action="reserve", result="insufficient", tokens=tokens,
                      operation_type=operation_type, operation_id=operation_id)
-        return CheckResult(False, available, _overage_of(period, tokens), period.cap)
-    return CheckResult(True, available, max(0, period.used + period.reserved - max(period.token_limit, period.used + period.reserved - tokens)),
+        return CheckResult(False, available, _overage_of(period, tokens, reserved=reserved), period.cap)
+    committed = period.used + reserved
+    return CheckResult(True, available, max(0, committed - max(period.token_limit, committed - tokens)),
                        period.cap, reservation)
 
 
@@ -239,18 +273,36 @@ def reservation_hold_release(reservation: Reservation, *, ctx: RequestContext, s
     reservation.save(update_fields=["status", "finished_at"])
 
 
+# Expiry is the system's doing, whichever request or job writes it.
+EXPIRY = RequestContext(actor="cleanup")
+
+
+def reservations_expire(holds: QuerySet[Reservation], *, now: datetime, limit: int | None = None) -> int:
+    """Release the holds among `holds` that are past their expiry: each gets a RELEASE ledger
+    row (reason "expired") and an audit row, and its period's `reserved` goes down. Runs in
+    the caller's transaction (the write paths call it before applying the cap, so a hold frees
+    its tokens when it expires, not when a job comes by).
+
+    Never waits on a hold: one another transaction has locked is skipped (that one is settling,
+    releasing or expiring it), so this may follow the caller's own hold locks without a
+    deadlock. The periods are then locked in id order, as every path locks them."""
+    qs = (holds.filter(status=Reservation.Status.HELD, expires_at__lte=now).select_related("account")
+          .select_for_update(skip_locked=True, of=("self",)).order_by("pk"))
+    stale = list(qs[:limit] if limit is not None else qs)
+    if not stale:
+        return 0
+    list(UsagePeriod.objects.select_for_update().filter(pk__in={r.period_id for r in stale}).order_by("pk")
+         .values_list("pk", flat=True))
+    for reservation in stale:
+        reservation_hold_release(reservation, ctx=EXPIRY, status=Reservation.Status.EXPIRED)
+    AuditLog.objects.bulk_create([
+        audit_row(ctx=EXPIRY, user_id=r.account.user_id, action="release", result="expired", tokens=r.tokens,
+                  operation_id=r.operation_id, detail={"reservationId": str(r.pk)}) for r in stale])
+    return len(stale)
+
+
 def reservations_expire_stale(*, now: datetime | None = None, limit: int = 1000) -> int:
-    """Release holds past their expiry (cleanup job). Safe to run concurrently:
-    each hold is locked, rows another run holds are skipped."""
-    now = now or timezone.now()
-    expired = 0
+    """Release up to `limit` holds past their expiry, whatever their period (the expiry job).
+    Safe to run concurrently: rows another run holds are skipped."""
     with transaction.atomic():
-        stale = list(Reservation.objects.select_for_update(skip_locked=True)
-                     .filter(status=Reservation.Status.HELD, expires_at__lte=now)[:limit])
-        for reservation in stale:
-            reservation_hold_release(reservation, ctx=RequestContext(actor="cleanup"), status=Reservation.Status.EXPIRED)
-            audit_record(ctx=RequestContext(actor="cleanup"), user_id=reservation.account.user_id, action="release",
-                         result="expired", tokens=reservation.tokens, operation_id=reservation.operation_id,
-                         detail={"reservationId": str(reservation.pk)})
-            expired += 1
-    return expired
+        return reservations_expire(Reservation.objects.all(), now=now or timezone.now(), limit=limit)

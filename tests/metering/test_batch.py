@@ -104,7 +104,9 @@ INVALID_ITEMS = [
     pytest.param(lambda u: consume_body(u, "x", 15_001), 402, "token_cap_exceeded", id="passes-cap"),
     pytest.param(lambda u: consume_body(u, "b-1", 1), 400, "duplicate_operation", id="repeated-in-batch"),
     pytest.param(lambda u: {**consume_body(u, "x", 1), "reservationId": "1b4e28ba-2fa1-11d2-883f-0016d3cca427"},
-                 400, "invalid_request", id="reservation-in-batch"),
+                 404, "reservation_not_found", id="unknown-reservation"),
+    pytest.param(lambda u: {**consume_body(u, "x", 1), "reservationId": "not-a-uuid"}, 400, "invalid_request",
+                 id="reservation-not-a-uuid"),
 ]
 
 
@@ -154,6 +156,100 @@ def test_reserved_tokens_count_against_the_cap_in_a_batch(api, users):
     response = api.post(BATCH, {"operations": [consume_body(user, "a", 11)]}, format="json")
     assert response.status_code == 402
     assert api.post(BATCH, {"operations": [consume_body(user, "a", 10)]}, format="json").status_code == 201
+
+
+def hold(api, user, tokens: int, **extra) -> str:
+    response = api.post("/api/tokens/check", {"userId": user.pk, "tokens": tokens, "reserve": True, **extra},
+                        format="json")
+    assert response.json()["sufficient"] is True, response.content
+    return response.json()["reservationId"]
+
+
+def test_batch_items_settle_their_holds(api, users):
+    basic, pro = users[0], users[1]
+    a, b, c = hold(api, basic, 500), hold(api, basic, 300), hold(api, pro, 1_000)
+    ops = [consume_body(basic, "s-a", 450, reservationId=a), consume_body(pro, "plain", 20),
+           consume_body(basic, "s-b", 700, reservationId=b), consume_body(pro, "s-c", 1_000, reservationId=c)]
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 201, response.content
+    results = response.json()["results"]
+    assert [r["usage"]["used"] for r in results] == [450, 20, 1_150, 1_020]
+    assert {r["usage"]["reserved"] for r in results} == {0}  # every hold of the batch settled
+    assert set(Reservation.objects.filter(pk__in=[a, b, c]).values_list("status", flat=True)) == {"settled"}
+    entries = {e.operation_id: e for e in LedgerEntry.objects.filter(kind="consumption")}
+    assert [(entries[op].used_delta, entries[op].reserved_delta, str(entries[op].reservation_id))
+            for op in ("s-a", "s-b", "s-c")] == [(450, -500, a), (700, -300, b), (1_000, -1_000, c)]
+    assert entries["plain"].reservation_id is None and entries["plain"].reserved_delta == 0
+    assert [(p.used, p.reserved) for p in (current_period(basic), current_period(pro))] == [(1_150, 0), (1_020, 0)]
+    # the same batch again: replays, nothing charged twice
+    again = api.post(BATCH, {"operations": ops}, format="json")
+    assert again.status_code == 200 and again.json()["replayed"] == 4
+    assert [r["entryId"] for r in again.json()["results"]] == [r["entryId"] for r in results]
+    assert ledger_reconcile() == []
+
+
+def test_the_batch_item_whose_settlement_passes_the_cap_is_named(api, users, spend):
+    user = users[0]  # basic: cap 15,000
+    spend(user, 14_000)
+    reservation = hold(api, user, 500)  # 14,500 committed
+    ops = [consume_body(user, "plain", 100), consume_body(users[1], "other", 5),
+           consume_body(user, "settle", 901, reservationId=reservation)]  # 14,600 - 500 + 901 = 15,001
+    before = snapshot()
+    response = api.post(BATCH, {"operations": ops}, format="json", HTTP_X_REQUEST_ID="batch-settle-402")
+    assert response.status_code == 402, response.content
+    error = response.json()["error"]
+    assert (error["code"], error["index"], error["available"], error["cap"]) == ("token_cap_exceeded", 2, 900, 15_000)
+    assert snapshot() == before
+    assert Reservation.objects.get(pk=reservation).status == "held"
+    row = AuditLog.objects.get(request_id="batch-settle-402")
+    assert (row.action, row.result, row.tokens, row.detail["index"]) == ("consume_batch", "token_cap_exceeded", 901, 2)
+    ops[2]["tokens"] = 900  # exactly the cap
+    assert api.post(BATCH, {"operations": ops}, format="json").status_code == 201
+    period = current_period(user)
+    assert (period.used, period.reserved) == (15_000, 0)
+    assert ledger_reconcile() == []
+
+
+def test_freed_holds_count_before_the_cap_is_applied(api, users, spend):
+    """A plain item may use what a later item's settlement frees: the batch is one change."""
+    user = users[0]
+    spend(user, 14_000)
+    reservation = hold(api, user, 1_000)  # the cap is reached
+    ops = [consume_body(user, "plain", 600), consume_body(user, "settle", 400, reservationId=reservation)]
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == 201, response.content
+    assert current_period(user).used == 15_000
+    assert ledger_reconcile() == []
+
+
+@pytest.mark.parametrize("spoil,status,code", [
+    ("release", 409, "reservation_expired"),
+    ("settle", 409, "reservation_expired"),
+    ("expire", 409, "reservation_expired"),
+    ("repeat", 400, "duplicate_reservation"),
+    ("other-user", 404, "reservation_not_found"),
+])
+def test_a_batch_item_with_an_unusable_hold_refuses_the_batch(api, users, spoil, status, code):
+    user = users[0]
+    first, second = hold(api, user, 100, ttlSeconds=60), hold(api, user, 100)
+    ops = [consume_body(user, "fine", 50, reservationId=first), consume_body(users[1], "plain", 5),
+           consume_body(user, "spoiled", 80, reservationId=second)]
+    if spoil == "release":
+        api.post("/api/tokens/release", {"userId": user.pk, "reservationId": second}, format="json")
+    elif spoil == "settle":
+        api.post("/api/tokens/consume", consume_body(user, "elsewhere", 70, reservationId=second), format="json")
+    elif spoil == "expire":
+        Reservation.objects.filter(pk=second).update(expires_at=Reservation.objects.get(pk=second).created_at)
+    elif spoil == "repeat":
+        ops[2]["reservationId"] = first
+    else:
+        ops[2] = consume_body(users[1], "spoiled", 80, reservationId=second)
+    before = snapshot()
+    response = api.post(BATCH, {"operations": ops}, format="json")
+    assert response.status_code == status, response.content
+    assert (response.json()["error"]["code"], response.json()["error"]["index"]) == (code, 2)
+    assert snapshot() == before
+    assert Reservation.objects.get(pk=first).status == "held"
 
 
 def test_a_refused_batch_is_audited(api, users):

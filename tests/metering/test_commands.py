@@ -1,5 +1,5 @@
-"""Management commands: demo (idempotent, its users' and staff's logins work), reconcile (drift and
-exit code), create_service_key (a working key)."""
+"""Management commands: demo (idempotent, its users' and staff's logins work), reconcile (drift, caps
+passed and exit code), create_service_key (a working key)."""
 from __future__ import annotations
 
 import io
@@ -179,6 +179,36 @@ def test_reconcile_exits_non_zero_on_drift(make_user, api):
     pk = UsagePeriod.objects.get(account=account_for_user(user_id=user.pk)).pk
     assert f"DRIFT period={pk} user={user.pk} used=107 ledger=100 reserved=0 ledger_reserved=50" in drift.stdout
     assert period.used == 100
+
+
+@pytest.mark.django_db(transaction=True, available_apps=FLUSHED_APPS)
+def test_reconcile_reports_a_period_over_its_cap_and_consumptions_that_passed_it(make_user, api):
+    user = make_user()  # basic: cap 15,000
+    api.post("/api/tokens/check", {"userId": user.pk, "tokens": 50, "reserve": True}, format="json")  # opens the period
+    api.post("/api/tokens/consume", consume_body(user, "fast", 100), format="json")  # stores "usageAfter"
+    api.post("/api/tokens/consume", consume_body(user, "orm", 13_000), format="json")  # crosses 75%: "usage"
+    assert _manage("reconcile").returncode == 0
+    period = UsagePeriod.objects.get(account__user=user)
+    fast = LedgerEntry.objects.get(operation_id="fast", kind="consumption")
+    orm = LedgerEntry.objects.get(operation_id="orm", kind="consumption")
+    assert "usageAfter" in fast.response and "usage" in orm.response
+    with connection.cursor() as cursor:  # as the old rule left them: counters and answers past the cap
+        cursor.execute("UPDATE metering_usageperiod SET cap = 13000 WHERE id = %s", [period.pk])
+        cursor.execute("UPDATE metering_ledgerentry SET response = jsonb_set(response, '{usageAfter,used}', '14990')"
+                       " WHERE id = %s", [fast.pk])
+        cursor.execute("UPDATE metering_ledgerentry SET response = jsonb_set(response, '{usage,used}', '15951')"
+                       " WHERE id = %s", [orm.pk])
+    found = _manage("reconcile")
+    assert found.returncode != 0
+    lines = found.stdout.splitlines()
+    assert f"OVER_CAP period={period.pk} user={user.pk} used=13100 reserved=50 cap=13000 " \
+           f"(used + reserved passes the cap by 150)" in lines
+    assert f"PASSED_CAP period={period.pk} user={user.pk} entry={fast.pk} operation=fast used=14990 reserved=50 " \
+           f"cap=15000 (the answer it stored passed the cap by 40)" in lines
+    assert f"PASSED_CAP period={period.pk} user={user.pk} entry={orm.pk} operation=orm used=15951 reserved=50 " \
+           f"cap=15000 (the answer it stored passed the cap by 1001)" in lines
+    assert not any(line.startswith("DRIFT") for line in lines)
+    assert "1 period(s) are over their cap; 2 consumption(s) took their period past its cap" in found.stderr
 
 
 @pytest.mark.django_db

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from metering.models import AuditLog, LedgerEntry, Reservation
-from metering.services import ledger_reconcile
+from metering.services import SYSTEM, ledger_reconcile, reconcile, usage_check
 
 from .conftest import FLUSHED_APPS, consume_body, current_period, key_client, run_concurrently
 
@@ -160,6 +160,35 @@ def test_twenty_concurrent_settles_of_one_reservation_charge_once(make_user, ser
     assert (period.used, period.reserved) == (420, 0)
     assert Reservation.objects.get(pk=hold["reservationId"]).status == "settled"
     assert ledger_reconcile() == []
+
+
+def test_64_concurrent_settlements_of_one_token_holds_with_huge_amounts_never_pass_the_cap(make_user, service_key):
+    """Each settles its own 1-token hold: half ask for a million tokens (never room for that),
+    half for 1,500 (room for nine: 64 held + 9 x 1,499 <= 15,000 < 64 + 10 x 1,499)."""
+    user = make_user("basic")  # cap 15,000
+    # placed through the service: the 64 settlements are all the requests the user's hourly rate allows
+    holds = [str(usage_check(user_id=user.pk, tokens=1, ctx=SYSTEM, reserve=True, operation_id=f"hold-{i}")
+                 .reservation.pk) for i in range(THREADS)]
+    amounts = [1_000_000 if i % 2 else 1_500 for i in range(THREADS)]
+
+    results = run_concurrently(THREADS, lambda i: _post(service_key, "/api/tokens/consume", consume_body(
+        user, f"hold-{i}", amounts[i], reservationId=holds[i])))
+
+    settled = [i for i, (status, _) in enumerate(results) if status == 201]
+    refused = [i for i, (status, _) in enumerate(results) if status == 402]
+    assert len(settled) == 9 and len(refused) == THREADS - 9, [b for s, b in results if s not in (201, 402)]
+    assert {amounts[i] for i in settled} == {1_500}
+    assert all(body["error"]["code"] == "token_cap_exceeded" for status, body in results if status == 402)
+    period = current_period(user)
+    recorded = sum(LedgerEntry.objects.filter(account__user=user, kind="consumption").values_list("used_delta",
+                                                                                                  flat=True))
+    assert recorded == period.used == 9 * 1_500 <= period.cap == 15_000
+    assert period.reserved == THREADS - 9 and period.used + period.reserved <= period.cap
+    statuses = dict(Reservation.objects.filter(pk__in=holds).values_list("pk", "status"))
+    assert sorted(str(pk) for pk, status in statuses.items() if status == "settled") == sorted(holds[i] for i in settled)
+    assert all(statuses[pk] == "held" for pk in statuses if str(pk) in {holds[i] for i in refused})
+    assert AuditLog.objects.filter(user=user, action="consume", result="token_cap_exceeded").count() == THREADS - 9
+    assert ledger_reconcile() == [] and not reconcile()
 
 
 def test_concurrent_identical_batches_record_once(make_user, service_key):

@@ -1,5 +1,5 @@
 """Metering's periodic jobs (metering/services/housekeeping.py, metering/tasks.py):
-cleanup, rollover, reconciliation, and one run at a time. Moved from tests/alerts."""
+reservation expiry, cleanup, rollover, reconciliation, and one run at a time. Moved from tests/alerts."""
 from __future__ import annotations
 
 import threading
@@ -20,7 +20,7 @@ from metering.services import (
     periods_rollover,
     usage_check,
 )
-from metering.tasks import cleanup_task, reconcile_task, rollover_task
+from metering.tasks import cleanup_task, reconcile_task, reservations_expire_task, rollover_task
 
 NOW = datetime(2026, 11, 10, 2, 0, tzinfo=dt_timezone.utc)
 
@@ -30,32 +30,40 @@ def at(*args) -> datetime:
 
 
 @pytest.mark.django_db
-def test_cleanup_expires_stale_reservations_and_prunes_by_retention(make_user, settings):
-    settings.AUDIT_RETENTION_DAYS = 30
+def test_the_expiry_job_writes_expired_holds_to_the_ledger_once(make_user):
     user = make_user("basic")
     with time_machine.travel(NOW - timedelta(minutes=20), tick=False):
         stale = usage_check(user_id=user.pk, tokens=700, ctx=RequestContext(actor="t"), reserve=True).reservation
-        old_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=31))
-    with time_machine.travel(NOW - timedelta(minutes=5), tick=False):
+    with time_machine.travel(NOW - timedelta(minutes=6), tick=False):  # before the first expires
         fresh = usage_check(user_id=user.pk, tokens=300, ctx=RequestContext(actor="t"), reserve=True).reservation
-    recent_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=29))
     ledger_rows = LedgerEntry.objects.count()
 
     with time_machine.travel(NOW, tick=False):
-        result = cleanup_task.delay().get()
-        again = cleanup_task.delay().get()
-    assert result["reservations_expired"] == 1
-    assert result["audit_rows_pruned"] == 1
-    assert again == {"reservations_expired": 0, "audit_rows_pruned": 0}
+        assert reservations_expire_task.delay().get() == 1
+        assert reservations_expire_task.delay().get() == 0
     stale.refresh_from_db()
     fresh.refresh_from_db()
     assert stale.status == Reservation.Status.EXPIRED and fresh.status == Reservation.Status.HELD
     assert UsagePeriod.objects.get(pk=stale.period_id).reserved == 300
-    # the release is a ledger row; nothing was taken from the ledger
+    # the release is a ledger row (and an audit row); nothing was taken from the ledger
     assert LedgerEntry.objects.count() == ledger_rows + 1
-    assert LedgerEntry.objects.filter(kind="release", reservation=stale, reserved_delta=-700).exists()
-    assert not AuditLog.objects.filter(pk=old_audit.pk).exists() and AuditLog.objects.filter(pk=recent_audit.pk).exists()
+    assert LedgerEntry.objects.filter(kind="release", reservation=stale, reserved_delta=-700, reason="expired").exists()
+    assert AuditLog.objects.filter(action="release", result="expired", actor="cleanup",
+                                   detail__reservationId=str(stale.pk)).count() == 1
     assert ledger_reconcile() == []
+
+
+@pytest.mark.django_db
+def test_cleanup_prunes_audit_rows_by_retention(settings):
+    settings.AUDIT_RETENTION_DAYS = 30
+    old_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=31))
+    recent_audit = AuditLog.objects.create(action="consume", result="recorded", created_at=NOW - timedelta(days=29))
+    ledger_rows = LedgerEntry.objects.count()
+    with time_machine.travel(NOW, tick=False):
+        assert cleanup_task.delay().get() == {"audit_rows_pruned": 1}
+        assert cleanup_task.delay().get() == {"audit_rows_pruned": 0}
+    assert not AuditLog.objects.filter(pk=old_audit.pk).exists() and AuditLog.objects.filter(pk=recent_audit.pk).exists()
+    assert LedgerEntry.objects.count() == ledger_rows
 
 
 @pytest.mark.django_db
@@ -69,6 +77,30 @@ def test_reconciliation_mails_staff_only_when_counters_drift(make_user, spend):
     [report] = mail.outbox
     assert report.subject.endswith("Ledger drift in 1 period(s)") and report.to == ["staff@consensus.local"]
     assert f"{period.pk}  {user.pk}  1250 / 1000  0 / 0" in report.body
+    assert "cap" not in report.body
+
+
+@pytest.mark.django_db
+def test_reconciliation_mails_staff_periods_past_their_cap(make_user, spend):
+    user = make_user("basic")  # cap 15,000
+    period = period_current(account=account_for_user(user_id=user.pk))
+    spend(user, 1_000)  # the PostgreSQL statement (the period exists): it stores "usageAfter"
+    spend(user, 13_000)  # crosses the alert thresholds, so the ORM path: it stores the body's "usage"
+    fast, orm = LedgerEntry.objects.filter(account__user=user, kind="consumption").order_by("pk")
+    assert "usageAfter" in fast.response and "usage" in orm.response
+    with connection.cursor() as cursor:  # what settlements past the cap left behind before they were refused
+        cursor.execute("UPDATE metering_usageperiod SET cap = 10000 WHERE id = %s", [period.pk])
+        cursor.execute("UPDATE metering_ledgerentry SET response = jsonb_set(response, '{usageAfter,used}', '16000')"
+                       " WHERE id = %s", [fast.pk])
+        cursor.execute("UPDATE metering_ledgerentry SET response = jsonb_set(response, '{usage,reserved}', '1001')"
+                       " WHERE id = %s", [orm.pk])
+    assert reconcile_task.delay().get() == 3
+    [report] = mail.outbox
+    assert report.subject.endswith("1 period(s) over their cap; 2 consumption(s) past their period's cap")
+    assert f"{period.pk}  {user.pk}  14000  0  10000" in report.body
+    assert f"{period.pk}  {user.pk}  {fast.pk}  {fast.operation_id}  16000  0  15000" in report.body
+    assert f"{period.pk}  {user.pk}  {orm.pk}  {orm.operation_id}  14000  1001  15000" in report.body
+    assert "differ from their ledger" not in report.body
 
 
 @pytest.mark.django_db(transaction=True)

@@ -9,13 +9,14 @@ import time_machine
 from django.contrib.auth import get_user_model
 
 from consensus_tokens.errors import ApplicationError
-from metering.models import Account, AuditLog, LedgerEntry, Tier, UsagePeriod
+from metering.models import Account, AuditLog, LedgerEntry, Reservation, Tier, UsagePeriod
 from metering.services import (
     account_change_tier,
     account_for_user,
     ledger_reconcile,
     period_align,
     period_reset,
+    reconcile,
     usage_adjust,
     usage_grant,
 )
@@ -62,11 +63,16 @@ def test_a_request_after_the_period_end_opens_the_next_one(api, make_user, setti
     assert ledger_reconcile() == []
 
 
+def hold_in_november(api, user) -> dict:
+    """An 800-token hold placed ten minutes before November 2026 ends, live until 00:05 on December 1."""
+    with time_machine.travel(utc(2026, 11, 30, 23, 50), tick=False):
+        return api.post("/api/tokens/check", {"userId": user.pk, "tokens": 800, "reserve": True},
+                        format="json").json()
+
+
 def test_a_hold_from_the_old_period_is_freed_there_and_charged_in_the_new(api, make_user):
     user = make_user("basic")
-    with time_machine.travel(utc(2026, 11, 30, 23, 50), tick=False):
-        hold = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 800, "reserve": True},
-                        format="json").json()
+    hold = hold_in_november(api, user)
     with time_machine.travel(utc(2026, 12, 1, 0, 1), tick=False):
         response = api.post("/api/tokens/consume", consume_body(user, "across", 750,
                                                                 reservationId=hold["reservationId"]), format="json")
@@ -75,6 +81,46 @@ def test_a_hold_from_the_old_period_is_freed_there_and_charged_in_the_new(api, m
     assert (old.used, old.reserved) == (0, 0)
     assert (new.used, new.reserved) == (750, 0)
     assert ledger_reconcile() == []
+
+
+def test_a_hold_from_the_old_period_is_charged_in_the_new_only_within_its_cap(api, make_user, spend):
+    """Refused, the settlement changes nothing: the release in the old period rolls back with
+    the rest and the hold stays held until settled within the cap (or released, or expired)."""
+    user = make_user("basic")  # cap 15,000
+    hold = hold_in_november(api, user)
+    with time_machine.travel(utc(2026, 12, 1, 0, 1), tick=False):
+        spend(user, 14_500)
+        body = consume_body(user, "across", 750, reservationId=hold["reservationId"])
+        refused = api.post("/api/tokens/consume", body, format="json")
+        assert refused.status_code == 402, refused.content
+        assert (refused.json()["error"]["available"], refused.json()["error"]["cap"]) == (500, 15_000)
+        old, new = UsagePeriod.objects.filter(account__user=user).order_by("starts_at")
+        assert (old.used, old.reserved, new.used, new.reserved) == (0, 800, 14_500, 0)
+        assert Reservation.objects.get(pk=hold["reservationId"]).status == "held"
+        assert not LedgerEntry.objects.filter(kind="release").exists()
+        settled = api.post("/api/tokens/consume", {**body, "tokens": 500}, format="json")
+        assert settled.status_code == 201, settled.content
+    old, new = UsagePeriod.objects.filter(account__user=user).order_by("starts_at")
+    assert (old.used, old.reserved, new.used, new.reserved) == (0, 0, 15_000, 0)
+    assert Reservation.objects.get(pk=hold["reservationId"]).status == "settled"
+    assert ledger_reconcile() == [] and not reconcile()
+
+
+def test_a_batch_settles_a_hold_from_the_old_period_in_the_new(api, make_user):
+    user = make_user("basic")
+    hold = hold_in_november(api, user)
+    with time_machine.travel(utc(2026, 12, 1, 0, 1), tick=False):
+        response = api.post("/api/tokens/consume/batch", {"operations": [
+            consume_body(user, "plain", 100), consume_body(user, "across", 900, reservationId=hold["reservationId"])]},
+            format="json")
+        assert response.status_code == 201, response.content
+    old, new = UsagePeriod.objects.filter(account__user=user).order_by("starts_at")
+    assert (old.used, old.reserved, new.used, new.reserved) == (0, 0, 1_000, 0)
+    entry = LedgerEntry.objects.get(operation_id="across", kind="consumption")
+    assert (entry.period_id, entry.reserved_delta, str(entry.reservation_id)) == (new.pk, 0, hold["reservationId"])
+    release = LedgerEntry.objects.get(kind="release")
+    assert (release.period_id, release.reserved_delta, release.reason) == (old.pk, -800, "settled")
+    assert ledger_reconcile() == [] and not reconcile()
 
 
 @pytest.fixture
@@ -94,7 +140,8 @@ def test_changing_tier_applies_at_once(api, staff_account, spend):
     account_change_tier(account=staff_account, tier=Tier.objects.get(slug="basic"), actor="support",
                         reason="downgrade")
     now = usage(api, user)
-    assert (now["limit"], now["cap"], now["used"], now["status"]) == (10_000, 15_000, 19_000, "exceeded")
+    # the lower cap cannot take back the 19,000 granted under the old one: it stops further use
+    assert (now["limit"], now["cap"], now["used"], now["status"]) == (10_000, 19_000, 19_000, "exceeded")
     assert api.post("/api/tokens/consume", consume_body(user, "more", 1), format="json").status_code == 402
     row = AuditLog.objects.get(action="change_tier", detail__reason="downgrade")
     assert (row.actor, row.detail["from"], row.detail["to"]) == ("support", "pro", "basic")

@@ -1,5 +1,6 @@
-"""Holds: placed by check+reserve, counted against the cap, settled by a consume,
-released, or expired by the cleanup job."""
+"""Holds: placed by check+reserve, counted against the cap until they expire, settled by a
+consume (within the cap), released, or expired (free at once; the ledger says so at the next
+write to their period or the expiry job)."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone as dt_timezone
@@ -8,8 +9,8 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from metering.models import LedgerEntry, Reservation
-from metering.services import ledger_reconcile, reservations_expire_stale
+from metering.models import AuditLog, LedgerEntry, Reservation
+from metering.services import ledger_reconcile, reconcile, reservations_expire_stale, reservations_expiry_run
 
 from .conftest import consume_body, current_period
 
@@ -24,6 +25,14 @@ def reserve(api, user, tokens, **extra):
                         format="json")
     assert response.status_code == 200, response.content
     return response.json()
+
+
+def usage(api, user) -> dict:
+    return api.get(f"/api/tokens/usage?userId={user.pk}").json()
+
+
+def check(api, user, tokens) -> dict:
+    return api.post("/api/tokens/check", {"userId": user.pk, "tokens": tokens}, format="json").json()
 
 
 def release(api, user, reservation_id):
@@ -61,16 +70,16 @@ def test_a_custom_ttl(api, user):
     assert reservation.expires_at - reservation.created_at == timedelta(seconds=60)
 
 
-def test_settling_records_the_actual_tokens_even_past_the_cap_and_frees_the_hold(api, user, spend):
-    spend(user, 14_000)
-    hold = reserve(api, user, 1_000, operationId="run-1")
+def test_settling_may_use_more_than_the_hold_within_the_room_under_the_cap(api, user, spend):
+    spend(user, 13_000)
+    hold = reserve(api, user, 1_000, operationId="run-1")  # 14,000 committed: 1,000 of room beyond the hold
     body = consume_body(user, "run-1", 1_700, "consensus", provider="anthropic", model="claude-sonnet-4",
                         reservationId=hold["reservationId"], estimatedTokens=1_000)
     response = api.post("/api/tokens/consume", body, format="json")
     assert response.status_code == 201, response.content
     usage = response.json()["usage"]
-    assert (usage["used"], usage["reserved"], usage["cap"]) == (15_700, 0, 15_000)
-    assert usage["status"] == "exceeded" and usage["overage"]["tokens"] == 5_700
+    assert (usage["used"], usage["reserved"], usage["cap"], usage["available"]) == (14_700, 0, 15_000, 300)
+    assert usage["status"] == "exceeded" and usage["overage"]["tokens"] == 4_700
     reservation = Reservation.objects.get(pk=hold["reservationId"])
     assert reservation.status == "settled" and reservation.finished_at is not None
     entry = LedgerEntry.objects.get(operation_id="run-1", kind="consumption")
@@ -79,8 +88,52 @@ def test_settling_records_the_actual_tokens_even_past_the_cap_and_frees_the_hold
     # a replay of the settle answers the same and charges nothing
     again = api.post("/api/tokens/consume", body, format="json")
     assert again.status_code == 200 and again.json() == response.json()
-    assert current_period(user).used == 15_700
-    assert ledger_reconcile() == []
+    assert current_period(user).used == 14_700
+    assert ledger_reconcile() == [] and not reconcile()
+
+
+@pytest.mark.parametrize("then", ["settle-within-the-cap", "release"])
+def test_settling_past_the_cap_is_refused_records_nothing_and_keeps_the_hold(api, user, spend, then):
+    spend(user, 14_000)
+    hold = reserve(api, user, 1_000, operationId="run-2")  # the cap is reached: nothing beyond the hold
+    ledger_rows = LedgerEntry.objects.count()
+    body = consume_body(user, "run-2", 1_700, "consensus", reservationId=hold["reservationId"])
+    refused = api.post("/api/tokens/consume", body, format="json", HTTP_X_REQUEST_ID="settle-402")
+    assert refused.status_code == 402, refused.content
+    error = refused.json()["error"]
+    assert (error["code"], error["available"], error["cap"]) == ("token_cap_exceeded", 1_000, 15_000)
+    # nothing recorded: no ledger row, the counters as they were, the hold still held
+    assert LedgerEntry.objects.count() == ledger_rows
+    period = current_period(user)
+    assert (period.used, period.reserved) == (14_000, 1_000)
+    assert Reservation.objects.get(pk=hold["reservationId"]).status == "held"
+    row = AuditLog.objects.get(request_id="settle-402")
+    assert (row.action, row.result, row.tokens, row.operation_id) == ("consume", "token_cap_exceeded", 1_700, "run-2")
+    if then == "release":
+        assert release(api, user, hold["reservationId"]).json()["status"] == "released"
+        period = current_period(user)
+        assert (period.used, period.reserved) == (14_000, 0)
+    else:
+        settled = api.post("/api/tokens/consume", {**body, "tokens": 1_000}, format="json")
+        assert settled.status_code == 201, settled.content
+        assert (settled.json()["usage"]["used"], settled.json()["usage"]["reserved"]) == (15_000, 0)
+        assert Reservation.objects.get(pk=hold["reservationId"]).status == "settled"
+    assert ledger_reconcile() == [] and not reconcile()
+
+
+def test_a_one_token_hold_settled_with_a_million_tokens_is_refused(api, user):
+    hold = reserve(api, user, 1)
+    response = api.post("/api/tokens/consume", consume_body(user, "huge", 1_000_000,
+                                                            reservationId=hold["reservationId"]), format="json")
+    assert response.status_code == 402
+    error = response.json()["error"]
+    # what this settlement could record: the whole cap, its own hold included
+    assert (error["code"], error["available"], error["cap"]) == ("token_cap_exceeded", 15_000, 15_000)
+    period = current_period(user)
+    assert (period.used, period.reserved) == (0, 1)
+    assert not LedgerEntry.objects.filter(kind="consumption").exists()
+    assert Reservation.objects.get(pk=hold["reservationId"]).status == "held"
+    assert ledger_reconcile() == [] and not reconcile()
 
 
 def test_settling_below_the_hold_frees_the_difference(api, user):
@@ -177,7 +230,7 @@ def test_stale_holds_expire_and_cannot_be_settled(api, user):
 
 
 @time_machine.travel(MID_MONTH)
-def test_a_hold_past_its_expiry_cannot_be_settled_even_before_cleanup(api, user):
+def test_a_hold_past_its_expiry_cannot_be_settled_even_before_it_is_released(api, user):
     start = timezone.now()
     hold = reserve(api, user, 600, ttlSeconds=60)
     body = consume_body(user, "slow-op", 650, reservationId=hold["reservationId"])
@@ -186,7 +239,8 @@ def test_a_hold_past_its_expiry_cannot_be_settled_even_before_cleanup(api, user)
         assert settle.status_code == 409
         assert settle.json()["error"]["code"] == "reservation_expired"
         assert settle.json()["error"]["status"] == "expired"
-        assert current_period(user).reserved == 600  # until the cleanup job frees it
+        assert current_period(user).reserved == 600  # the counter, until the expiry is written...
+        assert usage(api, user)["reserved"] == 0  # ...but its tokens are free already
         assert reservations_expire_stale() == 1
         assert current_period(user).reserved == 0
     with time_machine.travel(start + timedelta(seconds=59), tick=False):
@@ -195,3 +249,58 @@ def test_a_hold_past_its_expiry_cannot_be_settled_even_before_cleanup(api, user)
                                                                reservationId=fresh["reservationId"]), format="json")
         assert settled.status_code == 201
     assert ledger_reconcile() == []
+
+
+@pytest.fixture(params=[True, False], ids=["fast", "orm"])
+def either_path(request, settings):
+    settings.METERING_FAST_PATH = request.param
+
+
+@time_machine.travel(MID_MONTH)
+def test_an_expired_holds_tokens_are_available_the_moment_it_expires(api, user, spend, either_path):
+    spend(user, 14_000)
+    hold = reserve(api, user, 1_000, operationId="short", ttlSeconds=1)
+    expires = datetime.fromisoformat(hold["expiresAt"].replace("Z", "+00:00"))
+    with time_machine.travel(expires - timedelta(milliseconds=1), tick=False):
+        assert (usage(api, user)["reserved"], usage(api, user)["available"]) == (1_000, 0)
+        assert check(api, user, 1_000)["sufficient"] is False
+    with time_machine.travel(expires, tick=False):
+        # the reads: free at once, though nothing has written the expiry yet
+        now = usage(api, user)
+        assert (now["used"], now["reserved"], now["available"]) == (14_000, 0, 1_000)
+        assert check(api, user, 1_000) == {"sufficient": True, "available": 1_000, "overage": 1_000, "cap": 15_000}
+        assert Reservation.objects.get(pk=hold["reservationId"]).status == "held"
+        # a consume that needs those tokens succeeds: its transaction writes the expiry first
+        consumed = api.post("/api/tokens/consume", consume_body(user, "needs-them", 1_000), format="json")
+        assert consumed.status_code == 201, consumed.content
+        assert (consumed.json()["usage"]["used"], consumed.json()["usage"]["reserved"]) == (15_000, 0)
+        assert Reservation.objects.get(pk=hold["reservationId"]).status == "expired"
+        # the frequent job finds nothing left to write
+        assert reservations_expiry_run() == 0
+    release_row = LedgerEntry.objects.get(kind="release", reservation_id=hold["reservationId"])
+    assert (release_row.reserved_delta, release_row.reason) == (-1_000, "expired")
+    assert AuditLog.objects.filter(action="release", result="expired", detail__reservationId=hold["reservationId"]
+                                   ).count() == 1
+    assert ledger_reconcile() == [] and not reconcile()
+
+
+@time_machine.travel(MID_MONTH)
+def test_a_reserve_and_a_batch_reuse_an_expired_holds_tokens(api, user, spend):
+    spend(user, 14_000)
+    first = reserve(api, user, 1_000, operationId="again", ttlSeconds=1)
+    expires = datetime.fromisoformat(first["expiresAt"].replace("Z", "+00:00"))
+    with time_machine.travel(expires + timedelta(milliseconds=500), tick=False):
+        # the same operation id reserves anew: not the expired hold back, a new one in its place
+        second = reserve(api, user, 1_000, operationId="again", ttlSeconds=1)
+        assert second["sufficient"] is True and second["reservationId"] != first["reservationId"]
+        assert Reservation.objects.get(pk=first["reservationId"]).status == "expired"
+    with time_machine.travel(expires + timedelta(seconds=2), tick=False):
+        batch = api.post("/api/tokens/consume/batch", {"operations": [consume_body(user, "b-1", 600),
+                                                                      consume_body(user, "b-2", 400)]}, format="json")
+        assert batch.status_code == 201, batch.content
+        assert Reservation.objects.get(pk=second["reservationId"]).status == "expired"
+        assert reservations_expiry_run() == 0
+    period = current_period(user)
+    assert (period.used, period.reserved) == (15_000, 0)
+    assert LedgerEntry.objects.filter(kind="release", reason="expired").count() == 2
+    assert ledger_reconcile() == [] and not reconcile()

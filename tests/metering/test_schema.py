@@ -60,6 +60,20 @@ def test_schema_documents_bodies_parameters_and_errors(schema):
             "periodStart", "periodEnd"} <= set(usage_props)
 
 
+def test_batch_items_document_settling_a_reservation(schema):
+    def component(ref: str) -> dict:
+        return schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+
+    batch = schema["paths"]["/api/tokens/consume/batch"]["post"]
+    assert {"201", "400", "402", "404", "409"} <= set(batch["responses"])
+    body = component(batch["requestBody"]["content"]["application/json"]["schema"]["$ref"])
+    item = component(body["properties"]["operations"]["items"]["$ref"])
+    reservation = item["properties"]["reservationId"]
+    assert reservation["format"] == "uuid" and reservation.get("nullable") is True
+    assert "within the room left under the cap" in reservation["description"]
+    assert "reservationId" not in item.get("required", [])
+
+
 def test_the_metering_schema_generates_without_warnings():
     out, err = io.StringIO(), io.StringIO()
     call_command("spectacular", "--validate", "--fail-on-warn", "--urlconf", "tests.metering.schema_urls",

@@ -31,8 +31,9 @@ def tokens_check(tokens: int) -> None:
 class BatchRefused(ApplicationError):
     """Carries the offending item's index so the caller knows what to fix."""
 
-    def __init__(self, message: str, *, code: str, status: int, index: int) -> None:
-        super().__init__(message, code=code, status=status, extra={"index": index})
+    def __init__(self, message: str, *, code: str, status: int, index: int,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__(message, code=code, status=status, extra={"index": index, **(extra or {})})
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ one transaction.
 """
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
@@ -20,13 +21,13 @@ from django.utils import timezone
 
 from consensus_tokens.errors import ApplicationError
 
-from ...errors import OperationIdConflict, ReservationExpired, TokenCapExceeded
+from ...errors import OperationIdConflict, ReservationExpired, ReservationNotFound, TokenCapExceeded
 from ...models import Account, AuditLog, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
 from ..accounts import account_for_user, period_current, periods_current
 from ..audit import audit_record, audit_row, known_user_id
 from ..context import RequestContext
 from ..notify import notify_usage, notify_usages
-from ..usage import (operation_type_get, period_available, provider_check, reservation_hold_release, reservation_of,
+from ..usage import (operation_type_get, provider_check, reservation_hold_release, reservation_of, reservations_expire,
                      usage_of, within_cap)
 from .contract import (MAX_BATCH, BatchItemResult, BatchRefused, ConsumeRequest, ConsumeResult, PeriodFigures,
                        api_time, consume_body, replay_body, running_bodies)
@@ -75,15 +76,18 @@ def _replay(account: Account, request: ConsumeRequest, ctx: RequestContext) -> C
 def _record_consumption(*, account: Account, period: UsagePeriod, request: ConsumeRequest,
                         ctx: RequestContext) -> ConsumeResult:
     now = timezone.now()
-    reservation, reserved_delta = None, 0
+    reservation, freed = None, 0
     if request.reservation_id:
-        reservation, reserved_delta = _hold_to_settle(account, period, request, ctx, now)
-    _charge(period, request, reserved_delta, settling=reservation is not None)
+        reservation, freed = _hold_to_settle(account, period, request, ctx, now)
+    # the period's expired holds give their tokens back before the cap is applied, so a
+    # consume refused only because of them succeeds
+    reservations_expire(Reservation.objects.filter(period=period), now=now)
+    _charge(period, request, freed)
     period.refresh_from_db(fields=["used", "reserved", "token_limit", "cap", "overage_rate"])
     tier_slug = account.tier.slug if account.tier else None
     body = consume_body(request=request, usage=usage_of(period, tier_slug).as_api(), recorded_at=api_time(now))
     entry = LedgerEntry(account=account, period=period, kind=LedgerEntry.Kind.CONSUMPTION,
-                        used_delta=request.tokens, reserved_delta=reserved_delta, operation_id=request.operation_id,
+                        used_delta=request.tokens, reserved_delta=-freed, operation_id=request.operation_id,
                         operation_type=request.operation_type, provider=request.provider, model=request.model,
                         estimated_tokens=request.estimated_tokens, actual_tokens=request.tokens,
                         reservation=reservation, service_key_id=ctx.service_key_id,
@@ -101,33 +105,37 @@ def _record_consumption(*, account: Account, period: UsagePeriod, request: Consu
 
 def _hold_to_settle(account: Account, period: UsagePeriod, request: ConsumeRequest, ctx: RequestContext,
                     now: datetime) -> tuple[Reservation, int]:
-    """The hold this consume settles (locked), and what settling it frees in `period`."""
+    """The hold this consume settles (locked), and the tokens settling it frees in `period`."""
     reservation = reservation_of(account, request.reservation_id, lock=True)
-    # past its expiry a hold is expired whether or not the cleanup job has run yet,
-    # so the answer does not depend on that job's timing
-    status = Reservation.Status.EXPIRED if reservation.expires_at <= now else reservation.status
+    status = _settleable(reservation, now)
     if status != Reservation.Status.HELD:
         raise ReservationExpired(f"Reservation {request.reservation_id} is {status}; consume without reservationId.",
                                  extra={"status": status})
     if reservation.period_id == period.pk:
-        return reservation, -reservation.tokens
-    # held in a period that has ended: free it there, charge this one
+        return reservation, reservation.tokens
+    # held in a period that has ended: free it there, charge this one (within its cap: a
+    # refusal rolls this release back with the rest, and the hold stays held)
     reservation_hold_release(reservation, ctx=ctx, status=Reservation.Status.SETTLED)
     return reservation, 0
 
 
-def _charge(period: UsagePeriod, request: ConsumeRequest, reserved_delta: int, *, settling: bool) -> None:
-    """Add the tokens to the period: within its cap, or, settling a hold (the operation
-    already ran), the actual tokens whatever the cap says."""
-    if settling:
-        changed = UsagePeriod.objects.filter(pk=period.pk).update(
-            used=F("used") + request.tokens, reserved=F("reserved") + reserved_delta)
-    else:
-        changed = UsagePeriod.objects.filter(within_cap(request.tokens), pk=period.pk).update(
-            used=F("used") + request.tokens)
+def _settleable(reservation: Reservation, now: datetime) -> str:
+    """The hold's status for settling: past its expiry a hold is expired whether or not it
+    was released yet, so the answer does not depend on when that is written."""
+    return Reservation.Status.EXPIRED if reservation.expires_at <= now else reservation.status
+
+
+def _charge(period: UsagePeriod, request: ConsumeRequest, freed: int) -> None:
+    """Add the tokens to the period within its cap, giving back the `freed` hold a settlement
+    settles: settling may use more than its hold only within the room left under the cap.
+    Past it the consume is refused like any other (nothing recorded, the hold kept)."""
+    changed = UsagePeriod.objects.filter(within_cap(request.tokens, freed=freed), pk=period.pk).update(
+        used=F("used") + request.tokens, reserved=F("reserved") - freed)
     if not changed:
+        now = UsagePeriod.objects.filter(pk=period.pk).values("used", "reserved", "cap").get()
+        room = now["cap"] - now["used"] - now["reserved"] + freed
         raise TokenCapExceeded("This operation would pass the user's token cap.",
-                               extra={"available": period_available(period), "cap": period.cap})
+                               extra={"available": max(0, room), "cap": now["cap"]})
 
 
 def consume_refused(*, request: ConsumeRequest, ctx: RequestContext, error: ApplicationError) -> None:
@@ -147,6 +155,18 @@ def consume_batch_orm(*, requests: list[ConsumeRequest], ctx: RequestContext) ->
         # an operation id in the batch was recorded concurrently; nothing was kept,
         # and a second pass sees it as a replay.
         return _consume_batch(requests, ctx)
+    except BatchRefused as error:
+        # A copy of this batch committed first may have settled the hold or filled the cap
+        # the refusal is about: then the item named is recorded, and a second pass replays.
+        if error.code not in (ReservationExpired.code, TokenCapExceeded.code) or not _recorded(
+                requests[error.extra["index"]]):
+            raise
+        return _consume_batch(requests, ctx)
+
+
+def _recorded(request: ConsumeRequest) -> bool:
+    return LedgerEntry.objects.filter(kind=LedgerEntry.Kind.CONSUMPTION, account__user_id=request.user_id,
+                                      operation_id=request.operation_id).exists()
 
 
 def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[BatchItemResult]:
@@ -156,34 +176,84 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
     now = timezone.now()
     periods = _current_periods(accounts, now)
     replayed, fresh, replay_audits = _replays_and_fresh(requests, accounts, ctx)
-    delta: dict[int, int] = defaultdict(int)
-    for _, r in fresh:
-        delta[periods[r.user_id].pk] += r.tokens
     with transaction.atomic():
+        # locks: the holds settled (in id order), then the periods (in id order), as every path takes them
+        holds = _holds_to_settle(fresh, accounts, now)
+        freed = {i: h.tokens for i, h in holds.items() if h.period_id == periods[requests[i].user_id].pk}
+        delta: dict[int, int] = defaultdict(int)
+        freed_in: dict[int, int] = defaultdict(int)
+        for i, r in fresh:
+            delta[periods[r.user_id].pk] += r.tokens
+            freed_in[periods[r.user_id].pk] += freed.get(i, 0)
         if delta:
-            _lock_within_caps(delta, fresh, periods)
-            amount = Case(*[When(pk=pk, then=Value(d)) for pk, d in delta.items()], output_field=IntegerField())
-            UsagePeriod.objects.filter(pk__in=list(delta)).update(used=F("used") + amount)
-        recorded = _record_fresh(fresh, accounts, periods, delta, now, ctx, replay_audits)
+            _lock_within_caps(delta, freed_in, fresh, freed, periods, holds, now, ctx)
+            used = Case(*[When(pk=pk, then=Value(d)) for pk, d in delta.items()], output_field=IntegerField())
+            changes: dict[str, Any] = {"used": F("used") + used}
+            if any(freed_in.values()):
+                gone = Case(*[When(pk=pk, then=Value(d)) for pk, d in freed_in.items()], output_field=IntegerField())
+                changes["reserved"] = F("reserved") - gone
+            UsagePeriod.objects.filter(pk__in=list(delta)).update(**changes)
+        if holds:
+            Reservation.objects.filter(pk__in=[h.pk for h in holds.values()], status=Reservation.Status.HELD).update(
+                status=Reservation.Status.SETTLED, finished_at=now)
+        recorded = _record_fresh(fresh, accounts, periods, delta, holds, freed, now, ctx, replay_audits)
     results = {**replayed, **recorded}
     return [results[i] for i in range(len(requests))]
 
 
 def _refuse_malformed(requests: list[ConsumeRequest]) -> None:
-    """A batch holds 1 to MAX_BATCH operations, each once, none settling a reservation."""
+    """A batch holds 1 to MAX_BATCH operations, each once, settling each reservation at most once."""
     if not requests:
         raise ApplicationError("A batch needs at least one operation.", code="invalid_request")
     if len(requests) > MAX_BATCH:
         raise ApplicationError(f"A batch holds at most {MAX_BATCH} operations.", code="batch_too_large")
     seen: set[tuple[int, str]] = set()
+    holds: set[uuid.UUID] = set()
     for i, r in enumerate(requests):
         if (r.user_id, r.operation_id) in seen:
             raise BatchRefused(f"Item {i} repeats operation {r.operation_id} for user {r.user_id}.",
                                code="duplicate_operation", status=400, index=i)
         seen.add((r.user_id, r.operation_id))
         if r.reservation_id:
-            raise BatchRefused(f"Item {i}: settle reservations with /api/tokens/consume.", code="invalid_request",
-                               status=400, index=i)
+            hold = _reservation_key(r, i)
+            if hold in holds:
+                raise BatchRefused(f"Item {i} settles reservation {r.reservation_id} again.",
+                                   code="duplicate_reservation", status=400, index=i)
+            holds.add(hold)
+
+
+def _reservation_key(request: ConsumeRequest, index: int) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.reservation_id)
+    except ValueError:
+        raise BatchRefused(f"Item {index}: reservationId is not a UUID.", code="invalid_request", status=400,
+                           index=index) from None
+
+
+def _holds_to_settle(fresh: list[tuple[int, ConsumeRequest]], accounts: dict[int, Account],
+                     now: datetime) -> dict[int, Reservation]:
+    """The holds the fresh items settle (item index -> hold), locked in id order; an item
+    whose hold is not its user's, or no longer held, refuses the batch."""
+    wanted = {i: _reservation_key(r, i) for i, r in fresh if r.reservation_id}
+    if not wanted:
+        return {}
+    found = {h.pk: h for h in Reservation.objects.select_for_update().filter(pk__in=list(wanted.values()))
+             .order_by("pk")}
+    holds = {}
+    for i, r in fresh:
+        if i not in wanted:
+            continue
+        hold = found.get(wanted[i])
+        if hold is None or hold.account_id != accounts[r.user_id].pk:
+            raise BatchRefused(f"Item {i}: no reservation {r.reservation_id} for user {r.user_id}.",
+                               code=ReservationNotFound.code, status=ReservationNotFound.status, index=i)
+        status = _settleable(hold, now)
+        if status != Reservation.Status.HELD:
+            raise BatchRefused(f"Item {i}: reservation {r.reservation_id} is {status}; consume without reservationId.",
+                               code=ReservationExpired.code, status=ReservationExpired.status, index=i,
+                               extra={"status": status})
+        holds[i] = hold
+    return holds
 
 
 def _refuse_unknown_names(requests: list[ConsumeRequest]) -> None:
@@ -250,25 +320,41 @@ def _replays_and_fresh(requests: list[ConsumeRequest], accounts: dict[int, Accou
     return replayed, fresh, audits
 
 
-def _lock_within_caps(delta: dict[int, int], fresh: list[tuple[int, ConsumeRequest]],
-                      periods: dict[int, UsagePeriod]) -> None:
-    """Lock the batch's periods (in id order, so concurrent batches cannot deadlock) and
-    refuse the batch, naming the item that crosses it, if any would pass its cap."""
-    locked = list(UsagePeriod.objects.select_for_update().filter(pk__in=list(delta)).order_by("pk"))
-    if all(p.used + p.reserved + delta[p.pk] <= p.cap for p in locked):
+def _lock_within_caps(delta: dict[int, int], freed_in: dict[int, int], fresh: list[tuple[int, ConsumeRequest]],
+                      freed: dict[int, int], periods: dict[int, UsagePeriod], holds: dict[int, Reservation],
+                      now: datetime, ctx: RequestContext) -> None:
+    """Lock the batch's periods (in id order, so concurrent batches cannot deadlock; with
+    those of holds placed in a period since ended), give back their expired holds and the
+    ended periods' holds settled here, and refuse the batch, naming the item that crosses
+    it, if any period would pass its cap (counting the holds its items settle)."""
+    ended = {h.period_id for h in holds.values()} - delta.keys()
+    locked = {p.pk: p for p in UsagePeriod.objects.select_for_update().filter(pk__in=[*delta, *ended]).order_by("pk")}
+    changed = reservations_expire(Reservation.objects.filter(period_id__in=list(delta)), now=now)
+    for hold in holds.values():
+        if hold.period_id in ended:  # held in a period that has ended: free it there, charge this one
+            reservation_hold_release(hold, ctx=ctx, status=Reservation.Status.SETTLED)
+    if changed:
+        locked = {p.pk: p for p in UsagePeriod.objects.filter(pk__in=list(delta))}
+    over = {pk for pk, d in delta.items()
+            if locked[pk].used + locked[pk].reserved + d - freed_in[pk] > locked[pk].cap}
+    if not over:
         return
-    committed = {p.pk: p.used + p.reserved for p in locked}
-    caps = {p.pk: p.cap for p in locked}
+    committed = {pk: locked[pk].used + locked[pk].reserved for pk in over}
     for index, request in fresh:
         pk = periods[request.user_id].pk
-        committed[pk] += request.tokens
-        if committed[pk] > caps[pk]:
+        if pk not in over:
+            continue
+        room = locked[pk].cap - committed[pk] + freed.get(index, 0)
+        committed[pk] += request.tokens - freed.get(index, 0)
+        if committed[pk] > locked[pk].cap:
             raise BatchRefused(f"Item {index}: user {request.user_id} would pass their token cap.",
-                               code="token_cap_exceeded", status=402, index=index)
+                               code=TokenCapExceeded.code, status=TokenCapExceeded.status, index=index,
+                               extra={"available": max(0, room), "cap": locked[pk].cap})
 
 
 def _record_fresh(fresh: list[tuple[int, ConsumeRequest]], accounts: dict[int, Account],
-                  periods: dict[int, UsagePeriod], delta: dict[int, int], now: datetime, ctx: RequestContext,
+                  periods: dict[int, UsagePeriod], delta: dict[int, int], holds: dict[int, Reservation],
+                  freed: dict[int, int], now: datetime, ctx: RequestContext,
                   replay_audits: list[AuditLog]) -> dict[int, BatchItemResult]:
     """The ledger rows (each storing its answer) and audit rows of the fresh items, once
     their periods are updated; then one usage_recorded_many for them all."""
@@ -282,10 +368,11 @@ def _record_fresh(fresh: list[tuple[int, ConsumeRequest]], accounts: dict[int, A
     bodies = running_bodies(((r, periods[r.user_id].pk) for _, r in fresh), figures, used_before, api_time(now))
     entries = [
         LedgerEntry(account=accounts[r.user_id], period=after[periods[r.user_id].pk], kind=LedgerEntry.Kind.CONSUMPTION,
-                    used_delta=r.tokens, operation_id=r.operation_id, operation_type=r.operation_type,
-                    provider=r.provider, model=r.model, estimated_tokens=r.estimated_tokens, actual_tokens=r.tokens,
+                    used_delta=r.tokens, reserved_delta=-freed.get(i, 0), operation_id=r.operation_id,
+                    operation_type=r.operation_type, provider=r.provider, model=r.model,
+                    estimated_tokens=r.estimated_tokens, actual_tokens=r.tokens, reservation=holds.get(i),
                     service_key_id=ctx.service_key_id, fingerprint=r.fingerprint(), response=body, created_at=now)
-        for (_, r), body in zip(fresh, bodies)]
+        for (i, r), body in zip(fresh, bodies)]
     audits = [audit_row(ctx=ctx, user_id=r.user_id, action="consume", result="recorded", tokens=r.tokens,
                         operation_type=r.operation_type, operation_id=r.operation_id, detail={"batch": True})
               for _, r in fresh]
