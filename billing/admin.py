@@ -11,7 +11,8 @@ from djstripe.models import WebhookEventTrigger
 from consensus_tokens.errors import ApplicationError
 
 from . import services
-from .models import BillingAccount, OverageInvoice, TierPrice
+from .models import BillingAccount, OverageInvoice, PlanChange, TierComp, TierPrice
+from .services.plan_changes import plan_change_send
 
 
 @admin.register(TierPrice)
@@ -81,6 +82,59 @@ class OverageInvoiceAdmin(admin.ModelAdmin):
                 self.message_user(request, f"#{invoice.pk}: {invoice.state} {invoice.stripe_invoice_item_id}")
             except ApplicationError as exc:
                 self.message_user(request, f"#{invoice.pk}: {exc.message}", level=messages.ERROR)
+
+
+@admin.register(PlanChange)
+class PlanChangeAdmin(admin.ModelAdmin):
+    """Support's plan changes (made from the account's page); read-only, with a retry for
+    the ones whose Stripe answer was never recorded."""
+
+    list_display = ("id", "account", "stripe_subscription_id", "from_tier", "to_tier", "proration_behavior", "state",
+                    "requested_by", "attempts", "created_at")
+    list_filter = ("state", "proration_behavior")
+    list_select_related = ("account__user", "from_tier", "to_tier")
+    search_fields = ("account__user__username", "account__user__email", "stripe_subscription_id")
+    actions = ["retry"]
+
+    def get_readonly_fields(self, request: Any, obj: Any = None) -> list[str]:
+        return [f.name for f in PlanChange._meta.fields]
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Retry: resume unfinished changes (same idempotency key)")
+    def retry(self, request: Any, queryset: Any) -> None:
+        for change in queryset:
+            if change.state != PlanChange.State.STARTED:
+                self.message_user(request, f"#{change.pk} is {change.state}; nothing to retry.")
+                continue
+            try:
+                change = plan_change_send(plan_change_id=change.pk)
+                self.message_user(request, f"#{change.pk}: {change.state}")
+            except ApplicationError as exc:
+                self.message_user(request, f"#{change.pk}: {exc.message}", level=messages.ERROR)
+
+
+@admin.register(TierComp)
+class TierCompAdmin(admin.ModelAdmin):
+    """Comps (tiers granted without billing), granted and ended from the account's page."""
+
+    list_display = ("account", "tier", "reason", "starts_at", "ends_at", "created_by", "ended_at", "ended_by")
+    list_filter = ("tier",)
+    list_select_related = ("account__user", "tier")
+    search_fields = ("account__user__username", "account__user__email", "reason")
+
+    def get_readonly_fields(self, request: Any, obj: Any = None) -> list[str]:
+        return [f.name for f in TierComp._meta.fields]
+
+    def has_add_permission(self, request: Any) -> bool:
+        return False
+
+    def has_delete_permission(self, request: Any, obj: Any = None) -> bool:
+        return False
 
 
 # dj-stripe's trigger admin defines `reprocess` but does not offer it; offer a retry

@@ -138,3 +138,97 @@ class OverageInvoice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.tokens} tokens · {self.amount_cents}¢ · {self.state}"
+
+
+class PlanChange(models.Model):
+    """Support moving a subscriber to another tier, done by changing the Stripe
+    subscription's price (never the account's tier behind Stripe's back).
+
+    The row is committed as STARTED before Stripe is called and the idempotency key
+    derives from its id, so a crash or retry repeats the same request (the exact
+    `stripe_params`) and Stripe answers it once. SENT: Stripe changed the price and
+    we applied the subscription it returned; CONFIRMED: a webhook brought a state of
+    the subscription with this price; FAILED: Stripe refused it (nothing changed).
+    """
+
+    class State(models.TextChoices):
+        STARTED = "started", "Started (Stripe call in flight or crashed)"
+        SENT = "sent", "Sent (Stripe changed the price)"
+        CONFIRMED = "confirmed", "Confirmed by Stripe's webhook"
+        FAILED = "failed", "Failed (Stripe refused; nothing changed)"
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="plan_changes")
+    billing_account = models.ForeignKey(BillingAccount, on_delete=models.CASCADE, related_name="plan_changes")
+    stripe_subscription_id = models.CharField(max_length=255)
+    stripe_item_id = models.CharField(max_length=255)
+    from_tier = models.ForeignKey(Tier, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    from_price_id = models.CharField(max_length=255, blank=True, default="")
+    to_tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="+")
+    price = models.ForeignKey(TierPrice, on_delete=models.PROTECT, related_name="plan_changes")
+    proration_behavior = models.CharField(max_length=20)
+    reason = models.TextField()
+    requested_by = models.CharField(max_length=150)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.STARTED, db_index=True)
+    # The exact parameters sent to Stripe: a resumed call repeats them verbatim (Stripe
+    # refuses an idempotency key reused with other parameters).
+    stripe_params = models.JSONField(default=dict)
+    stripe_invoice_id = models.CharField(max_length=255, blank=True, default="",
+                                         help_text="The subscription's latest invoice after the change (the "
+                                                   "prorated difference, for an upgrade).")
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+    confirmed_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            # One unfinished change per account: a second request while one is in flight
+            # would race it on Stripe.
+            models.UniqueConstraint(fields=["account"], condition=Q(state="started"),
+                                    name="planchange_one_started_per_account"),
+            models.CheckConstraint(condition=~Q(reason=""), name="planchange_reason_required"),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.stripe_subscription_id}: {self.from_tier or '–'} → {self.to_tier} · {self.state}"
+
+    @property
+    def idempotency_key(self) -> str:
+        return f"ct-plan-change-{self.pk}"
+
+
+class TierComp(models.Model):
+    """A tier granted without billing: an explicit override with a reason and an end.
+
+    While a comp is in force (not ended, starts_at ≤ now < ends_at) the account's
+    tier is the comp's whatever the subscription's webhooks say; Stripe is not
+    changed. When it ends (on its date, by the periodic job, or ended early by
+    support) the account returns to what its subscription pays for, or to the
+    DEFAULT_TIER without one.
+    """
+
+    account = models.ForeignKey(Account, on_delete=models.CASCADE, related_name="comps")
+    tier = models.ForeignKey(Tier, on_delete=models.PROTECT, related_name="+")
+    reason = models.TextField()
+    starts_at = models.DateTimeField()
+    ends_at = models.DateTimeField()
+    created_by = models.CharField(max_length=150)
+    created_at = models.DateTimeField(auto_now_add=True)
+    ended_at = models.DateTimeField(null=True, blank=True)
+    ended_by = models.CharField(max_length=150, blank=True, default="")
+    end_reason = models.TextField(blank=True, default="")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["account"], condition=Q(ended_at__isnull=True),
+                                    name="tiercomp_one_open_per_account"),
+            models.CheckConstraint(condition=Q(ends_at__gt=models.F("starts_at")), name="tiercomp_ends_after_start"),
+            models.CheckConstraint(condition=~Q(reason=""), name="tiercomp_reason_required"),
+        ]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.tier} comp until {self.ends_at:%Y-%m-%d %H:%M} UTC"

@@ -17,6 +17,14 @@ def periodic_jobs() -> list[PeriodicJob]:
         PeriodicJob("billing: end access of canceled subscriptions", "billing.tasks.subscriptions_expire_task",
                     "End access for canceled subscriptions whose paid time is over.",
                     every_seconds=5 * 60),
+        PeriodicJob("billing: end comps on their date", "billing.tasks.comps_expire_task",
+                    "End comps (tiers granted without billing) whose end has come; the account returns to what "
+                    "its subscription pays for, or the default tier.",
+                    every_seconds=5 * 60),
+        PeriodicJob("billing: resume unfinished plan changes", "billing.tasks.plan_changes_resume_task",
+                    "Send again, with their own idempotency key, support's plan changes whose Stripe answer was "
+                    "never recorded.",
+                    every_seconds=15 * 60),
         # https://crontab.guru/#0_2_*_*_*
         PeriodicJob("billing: prune old webhook payloads", "billing.tasks.webhook_payloads_prune_task",
                     "Delete dj-stripe webhook payloads past WEBHOOK_RETENTION_DAYS.",

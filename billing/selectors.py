@@ -4,15 +4,25 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from django.db.models import Q, QuerySet
+from django.db.models import OuterRef, Q, QuerySet, Subquery
 
 from metering.models import Account, Tier
 
-from .models import BillingAccount, OverageInvoice, TierPrice
+from .models import BillingAccount, OverageInvoice, PlanChange, TierComp, TierPrice
+
+
+# Statuses under which a subscription is live: Stripe charges its price.
+SUBSCRIPTION_LIVE_STATUSES = ("active", "trialing", "past_due")
 
 
 def billing_account_for(*, account: Account) -> BillingAccount | None:
     return BillingAccount.objects.filter(account=account).first()
+
+
+def live_subscription_for(*, account: Account) -> BillingAccount | None:
+    """The account's billing row if its subscription is live, else None."""
+    return BillingAccount.objects.filter(account=account, subscription_status__in=SUBSCRIPTION_LIVE_STATUSES,
+                                         stripe_subscription_id__gt="").first()
 
 
 def tier_price_active(*, tier: Tier, interval: str) -> TierPrice | None:
@@ -52,5 +62,20 @@ def billing_summary(*, account: Account) -> dict[str, Any]:
         "pending_tier": billing.pending_tier if billing else None,
         "payment_failed_at": billing.payment_failed_at if billing else None,
         "paid_through": billing.paid_through if billing else None,
+        "interval": billing.interval if billing else "",
     }
     return summary
+
+
+def comp_in_force_columns(*, now: datetime) -> dict[str, Any]:
+    """Annotations for a queryset of accounts: the tier name, end and reason of the comp in
+    force (None without one), for lists that show comps without a query per row."""
+    in_force = TierComp.objects.filter(account=OuterRef("pk"), ended_at__isnull=True, starts_at__lte=now,
+                                       ends_at__gt=now)
+    return {"comp_tier_name": Subquery(in_force.values("tier__name")[:1]),
+            "comp_ends_at": Subquery(in_force.values("ends_at")[:1]),
+            "comp_reason": Subquery(in_force.values("reason")[:1])}
+
+
+def plan_changes_for(*, account: Account) -> QuerySet[PlanChange]:
+    return PlanChange.objects.select_related("from_tier", "to_tier", "price").filter(account=account)

@@ -8,6 +8,8 @@ from celery import shared_task
 from consensus_tokens.jobs import run_locked
 
 from . import services
+from .services.comps import comps_expire
+from .services.plan_changes import plan_changes_resume
 
 
 @shared_task(name="billing.tasks.overage_invoice_period_task")
@@ -39,3 +41,13 @@ def subscriptions_expire_task() -> int:
 @shared_task(name="billing.tasks.webhook_payloads_prune_task")
 def webhook_payloads_prune_task() -> int | str:
     return run_locked("webhook_payloads_prune", services.webhook_payloads_prune)
+
+
+@shared_task(name="billing.tasks.comps_expire_task")
+def comps_expire_task() -> int:
+    return comps_expire()
+
+
+@shared_task(name="billing.tasks.plan_changes_resume_task")
+def plan_changes_resume_task() -> list[int]:
+    return plan_changes_resume()

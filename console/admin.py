@@ -14,13 +14,15 @@ from django.utils.safestring import mark_safe
 
 from alerts.selectors import alert_events_for_user
 from alerts.services import alert_resend_by_support
+from billing.selectors import billing_account_for, live_subscription_for, plan_changes_for, tier_price_by_stripe_id
+from billing.services.comps import comp_end, comp_end_preview, comp_grant, comp_in_force, comp_preview
+from billing.services.plan_changes import plan_change_preview, plan_change_request
 from consensus_tokens.errors import ApplicationError
 from metering import selectors as metering_selectors
 from metering.admin import ReadOnlyPermissions
 from metering.models import Account, AuditLog, LedgerEntry
 from metering.services import (
     RequestContext,
-    account_change_tier,
     period_reset,
     reservation_release_by_support,
     usage_adjust,
@@ -31,7 +33,7 @@ from metering.services import (
 )
 
 from . import selectors
-from .forms import SUPPORT_ACTIONS, ChangeTierForm, ReleaseForm, ResendAlertForm
+from .forms import CONFIRMED_ACTIONS, SUPPORT_ACTIONS, ChangePlanForm, CompForm, ReleaseForm, ResendAlertForm
 
 INLINE_ROWS = 20
 
@@ -78,14 +80,17 @@ class LedgerInline(ReadOnlyPermissions, admin.TabularInline):
 
 @admin.register(Account)
 class AccountAdmin(admin.ModelAdmin):
-    list_display = ("user", "email", "tier", "usage", "status", "period_end", "stripe_status", "flags")
+    list_display = ("user", "email", "tier", "comp", "usage", "status", "period_end", "stripe_status", "flags")
     list_select_related = ("user", "tier", "billing")
     list_filter = ("tier", "status", FlaggedFilter)
     search_fields = ("user__username", "user__email", "billing__stripe_customer_id")
-    readonly_fields = ("user", "tier", "status", "billing_hold", "anomaly_hold", "created_at", "current_period",
-                       "held_reservations", "recent_alerts", "recent_audit")
+    # The tier is never edited here: it changes through Stripe (a subscriber's plan) or by a
+    # comp with a reason and an end (the support actions), each confirmed before it acts.
+    readonly_fields = ("user", "tier", "comp_in_force", "subscription", "status", "billing_hold", "anomaly_hold",
+                       "created_at", "current_period", "held_reservations", "recent_alerts", "recent_audit")
     fieldsets = [
-        (None, {"fields": ("user", "tier", "status", ("billing_hold", "anomaly_hold"), "created_at")}),
+        (None, {"fields": ("user", "tier", "comp_in_force", "subscription", "status", ("billing_hold", "anomaly_hold"),
+                           "created_at")}),
         ("Current period", {"fields": ("current_period", "held_reservations")}),
         ("Alerts", {"fields": ("recent_alerts",)}),
         (f"Audit log (latest {INLINE_ROWS})", {"fields": ("recent_audit",), "classes": ("collapse",)}),
@@ -113,6 +118,13 @@ class AccountAdmin(admin.ModelAdmin):
     def email(self, obj):
         return obj.user.email
 
+    @admin.display(description="comp")
+    def comp(self, obj):
+        if not getattr(obj, "comp_tier_name", None):
+            return "–"
+        return format_html('<span data-field="comp">{} until {} ({})</span>', obj.comp_tier_name,
+                           f"{obj.comp_ends_at:%Y-%m-%d %H:%M} UTC", obj.comp_reason)
+
     @admin.display(description="usage")
     def usage(self, obj):
         if obj.current_used is None:
@@ -138,6 +150,29 @@ class AccountAdmin(admin.ModelAdmin):
         return ", ".join(flags) or "–"
 
     # change page sections
+    @admin.display(description="Comp")
+    def comp_in_force(self, obj):
+        comp = comp_in_force(account_id=obj.pk)
+        if comp is None:
+            return "None: the tier is what the subscription pays for (or the default tier without one)"
+        return format_html('<div data-field="admin-comp"><strong>{}</strong> granted without billing until {} '
+                           '(reason: {}; by {} on {})</div>', comp.tier.name, f"{comp.ends_at:%Y-%m-%d %H:%M} UTC",
+                           comp.reason, comp.created_by, f"{comp.created_at:%Y-%m-%d}")
+
+    @admin.display(description="Stripe subscription")
+    def subscription(self, obj):
+        billing = billing_account_for(account=obj)
+        if billing is None or not billing.stripe_subscription_id:
+            return "None"
+        price = tier_price_by_stripe_id(price_id=billing.stripe_price_id)
+        paying = f"{price.tier.name} {price.get_interval_display().lower()}" if price else billing.stripe_price_id
+        changes = format_html_join("", "<li>{}: {} → {} ({}, {}) by {} · {}</li>", (
+            (f"{c.created_at:%Y-%m-%d %H:%M}", c.from_tier or "–", c.to_tier, c.proration_behavior,
+             c.get_state_display(), c.requested_by, c.reason) for c in plan_changes_for(account=obj)[:5]))
+        return format_html('<span data-field="admin-subscription">{} · {} · {}</span>{}',
+                           billing.stripe_subscription_id, paying, billing.subscription_status or "–",
+                           format_html("<ul>{}</ul>", changes) if changes else "")
+
     @admin.display(description="Usage")
     def current_period(self, obj):
         usage = usage_get(user_id=obj.user_id)
@@ -191,9 +226,17 @@ class AccountAdmin(admin.ModelAdmin):
 
     def change_view(self, request, object_id, form_url="", extra_context=None):
         # Every field here is read-only: changes are the support actions, so no Save buttons.
+        # A plan change needs a live subscription; "End comp" a comp in force.
+        account = Account.objects.filter(pk=object_id).first()
+        hidden = set()
+        if account is not None:
+            if live_subscription_for(account=account) is None:
+                hidden.add("change-plan")
+            if comp_in_force(account_id=account.pk) is None:
+                hidden.add("end-comp")
         extra_context = {**(extra_context or {}), "show_save": False, "show_save_and_continue": False,
                          "show_save_and_add_another": False, "support_actions": [
-                             (slug, title) for slug, (title, _) in SUPPORT_ACTIONS.items()]}
+                             (slug, title) for slug, (title, _) in SUPPORT_ACTIONS.items() if slug not in hidden]}
         return super().change_view(request, object_id, form_url, extra_context)
 
     def support_action(self, request, object_id: int, action: str):
@@ -206,29 +249,63 @@ class AccountAdmin(admin.ModelAdmin):
             raise PermissionDenied
         title, form_class = SUPPORT_ACTIONS[action]
         kwargs = {"account": account} if form_class in (ReleaseForm, ResendAlertForm) else {}
-        initial = {"tier": account.tier_id} if form_class is ChangeTierForm else None
+        initial = {"tier": account.tier_id} if form_class in (ChangePlanForm, CompForm) else None
         form = form_class(request.POST or None, initial=initial, **kwargs)
+        context = {
+            **self.admin_site.each_context(request), "title": f"{title}: {account.user}", "form": form,
+            "account": account, "opts": self.model._meta, "original": account, "action_title": title,
+            "usage": usage_get(user_id=account.user_id),
+        }
+        if action == "change-plan" and live_subscription_for(account=account) is None:
+            # Without a subscription Stripe has nothing to change: a tier can only be a comp.
+            context["refusal"] = (f"{account.user} has no live Stripe subscription: a tier change can only be "
+                                  f"a comp (granted without billing, with a reason and an end date).")
+            if request.method == "POST":
+                form.is_valid()
+                form.add_error(None, context["refusal"])
+            return TemplateResponse(request, "admin/metering/account/support_action.html", context)
         if request.method == "POST" and form.is_valid():
             try:
+                if action in CONFIRMED_ACTIONS and "_confirm" not in request.POST:
+                    # Say what will happen (through Stripe, or a comp without billing); only the
+                    # confirm button on that page acts.
+                    context.update(title=f"Confirm: {title.lower()} for {account.user}",
+                                   confirmation=self._describe(account, action, form.cleaned_data))
+                    return TemplateResponse(request, "admin/metering/account/support_confirm.html", context)
                 message = self._perform(request, account, action, form.cleaned_data)
             except ApplicationError as error:
                 form.add_error(None, error.message)
             else:
                 self.message_user(request, message, messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:metering_account_change", args=[account.pk]))
-        context = {
-            **self.admin_site.each_context(request), "title": f"{title}: {account.user}", "form": form,
-            "account": account, "opts": self.model._meta, "original": account, "action_title": title,
-            "usage": usage_get(user_id=account.user_id),
-        }
         return TemplateResponse(request, "admin/metering/account/support_action.html", context)
+
+    def _describe(self, account: Account, action: str, data: dict) -> str:
+        """What the action will do, in words, before it does it (services check it can be done)."""
+        if action == "change-plan":
+            return plan_change_preview(account=account, tier=data["tier"]).describe()
+        if action == "comp":
+            return comp_preview(account=account, tier=data["tier"], ends_at=data["ends_at"],
+                                reason=data["reason"]).describe()
+        return comp_end_preview(account=account)[1]
 
     def _perform(self, request, account: Account, action: str, data: dict) -> str:
         actor = request.user.get_username()
         reason = data.get("reason", "")
-        if action == "change-tier":
-            account_change_tier(account=account, tier=data["tier"], actor=actor, reason=reason)
-            return f"{account.user} is now on {data['tier']}; the new limit applies at once."
+        if action == "change-plan":
+            change = plan_change_request(account=account, tier=data["tier"], reason=reason, actor=actor)
+            account.refresh_from_db(fields=["tier"])
+            return (f"Stripe subscription {change.stripe_subscription_id} now pays for {change.to_tier} "
+                    f"({change.proration_behavior}); {account.user} is now on {account.tier or 'no tier'}.")
+        if action == "comp":
+            comp = comp_grant(account=account, tier=data["tier"], ends_at=data["ends_at"], reason=reason, actor=actor)
+            return (f"{account.user} is now on {comp.tier} without billing until {comp.ends_at:%Y-%m-%d %H:%M} UTC; "
+                    f"Stripe is not changed.")
+        if action == "end-comp":
+            comp, _ = comp_end_preview(account=account)
+            comp_end(comp_id=comp.pk, actor=actor, reason=reason)
+            account.refresh_from_db(fields=["tier"])
+            return f"The comp of {comp.tier} has ended; {account.user} is now on {account.tier or 'no tier'}."
         if action == "tokens":
             if data["kind"] == "grant":
                 usage_grant(account=account, tokens=data["tokens"], reason=reason, actor=actor)

@@ -1,4 +1,6 @@
 """The support actions' forms on an account's console page (console/admin.py)."""
+from datetime import datetime, time, timedelta, timezone as dt_timezone
+
 from django import forms
 
 from alerts.selectors import alert_events_for_user
@@ -6,10 +8,35 @@ from metering.models import Account, Reservation, Tier
 from metering.selectors import reservations_held
 
 
-class ChangeTierForm(forms.Form):
-    tier = forms.ModelChoiceField(queryset=Tier.objects.all(), empty_label=None)
+class ChangePlanForm(forms.Form):
+    """A subscriber's tier changes by changing the Stripe subscription's price."""
+
+    tier = forms.ModelChoiceField(queryset=Tier.objects.all(), empty_label=None,
+                                  help_text="The subscription moves to this tier's price, at the same interval.")
     reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
                              help_text="Why? Kept in the audit log with your name.")
+
+
+class CompForm(forms.Form):
+    """A tier granted without billing, until the end of its last day (UTC)."""
+
+    tier = forms.ModelChoiceField(queryset=Tier.objects.all(), empty_label=None)
+    last_day = forms.DateField(label="Last day", widget=forms.DateInput(attrs={"type": "date"}),
+                               help_text="YYYY-MM-DD. The comp ends at the end of this day (UTC); the account then "
+                                         "returns to what its subscription pays for, or the default tier.")
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+                             help_text="Why is it granted without billing? Kept on the comp and in the audit log.")
+
+    def clean(self):
+        data = super().clean()
+        if data.get("last_day"):
+            data["ends_at"] = datetime.combine(data["last_day"] + timedelta(days=1), time.min, tzinfo=dt_timezone.utc)
+        return data
+
+
+class EndCompForm(forms.Form):
+    reason = forms.CharField(widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+                             help_text="Why does the comp end before its date? Kept in the audit log.")
 
 
 class TokensForm(forms.Form):
@@ -53,8 +80,14 @@ class ResendAlertForm(forms.Form):
             for e in events]
 
 
+# The actions that change a tier: each shows what it will do (through Stripe, or a comp
+# without billing) on a confirmation page, and only the confirm button acts.
+CONFIRMED_ACTIONS = ("change-plan", "comp", "end-comp")
+
 SUPPORT_ACTIONS = {
-    "change-tier": ("Change tier", ChangeTierForm),
+    "change-plan": ("Change plan through Stripe", ChangePlanForm),
+    "comp": ("Comp a tier", CompForm),
+    "end-comp": ("End comp", EndCompForm),
     "tokens": ("Grant or correct tokens", TokensForm),
     "reset": ("Reset the current period", ResetForm),
     "release": ("Release a stuck reservation", ReleaseForm),

@@ -9,16 +9,19 @@ from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from alerts.selectors import anomaly_flags_open
-from billing.selectors import overage_invoices_needing_retry, webhook_triggers_failed
+from billing.selectors import comp_in_force_columns, overage_invoices_needing_retry, webhook_triggers_failed
 from metering import selectors as metering_selectors
 from metering.models import Account
 from metering.selectors import SupportNumbers
 
 
 def accounts_for_console(*, now: datetime | None = None) -> QuerySet[Account]:
-    """Accounts with their current period's figures and whether an anomaly flag is open (one query)."""
+    """Accounts with their current period's figures, whether an anomaly flag is open and the
+    comp in force (one query)."""
+    now = now or timezone.now()
     open_flags = anomaly_flags_open().filter(account=OuterRef("pk"))
-    return metering_selectors.accounts_for_console(now=now).annotate(open_flags=Exists(open_flags))
+    return metering_selectors.accounts_for_console(now=now).annotate(open_flags=Exists(open_flags),
+                                                                      **comp_in_force_columns(now=now))
 
 
 def support_numbers(*, now: datetime | None = None) -> SupportNumbers:

@@ -23,6 +23,8 @@ SUPPORT_PERMISSIONS: list[tuple[str, str, tuple[str, ...]]] = [
     ("billing", "billingaccount", ("view",)),
     ("billing", "overageinvoice", ("view", "change")),
     ("billing", "tierprice", ("view",)),
+    ("billing", "planchange", ("view", "change")),
+    ("billing", "tiercomp", ("view",)),
     ("djstripe", "webhookeventtrigger", ("view",)),
     ("django_celery_beat", "periodictask", ("view", "change")),
     ("django_celery_beat", "crontabschedule", ("view",)),

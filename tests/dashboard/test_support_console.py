@@ -3,13 +3,16 @@ support work through services, and every change lands in the audit log."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
 from django.core.management import call_command
 from django.test import Client
+from django.utils import timezone
 
-from metering.models import AuditLog, LedgerEntry, OperationType, Reservation, ServiceKey, Tier
+from billing.models import PlanChange, TierComp
+from metering.models import Account, AuditLog, LedgerEntry, OperationType, Reservation, ServiceKey, Tier
 from metering.services import SYSTEM, ledger_reconcile, usage_check
 
 
@@ -53,20 +56,60 @@ def test_account_list_shows_usage_and_searches_by_email_and_filters_flagged(supp
 
 
 @pytest.mark.django_db
-def test_change_tier_needs_a_reason_takes_effect_at_once_and_is_audited(support, make_user):
+def test_a_tier_change_without_a_subscription_is_refused_it_can_only_be_a_comp(support, make_user):
     user = make_user("basic")
+    page = support.get(f"/admin/metering/account/{user.token_account.pk}/change/").content.decode()
+    assert 'data-support-action="comp"' in page and 'data-support-action="change-plan"' not in page
+    asked = support.get(_support_url(user, "change-plan")).content.decode()
+    assert 'data-field="refusal"' in asked and "a tier change can only be a comp" in asked
     pro = Tier.objects.get(slug="pro")
-    refused = support.post(_support_url(user, "change-tier"), {"tier": pro.pk, "reason": "  "})
-    assert refused.status_code == 200 and b"This field is required" in refused.content
-    done = support.post(_support_url(user, "change-tier"), {"tier": pro.pk, "reason": "upsell call"})
-    assert done.status_code == 302
+    for form in ({"tier": pro.pk, "reason": "upsell call"}, {"tier": pro.pk, "reason": "upsell call", "_confirm": "1"}):
+        refused = support.post(_support_url(user, "change-plan"), form)
+        assert refused.status_code == 200 and b"can only be a comp" in refused.content
     user.token_account.refresh_from_db()
-    assert user.token_account.tier == pro
+    assert user.token_account.tier.slug == "basic"
+    assert not PlanChange.objects.exists()
+    assert not AuditLog.objects.filter(user=user, action__in=["plan_change", "comp_grant", "change_tier"]).exists()
+
+
+@pytest.mark.django_db
+def test_a_comp_is_confirmed_before_it_is_granted_shown_then_ended(support, make_user, settings):
+    settings.DEFAULT_TIER = "basic"
+    user = make_user("basic")
+    enterprise = Tier.objects.get(slug="enterprise")
+    last_day = (timezone.now() + timedelta(days=40)).date()
+    form = {"tier": enterprise.pk, "last_day": last_day.isoformat(), "reason": "conference speaker"}
+    assert support.post(_support_url(user, "comp"), {**form, "reason": " "}).status_code == 200  # a reason is required
+    asked = support.post(_support_url(user, "comp"), form)
+    text = asked.content.decode()
+    ends = (last_day + timedelta(days=1)).isoformat()
+    assert asked.status_code == 200 and 'name="_confirm"' in text
+    assert (f"Enterprise is granted without billing until {ends} 00:00 UTC (reason: conference speaker); "
+            f"Stripe is not changed; at the end the account returns to Basic") in text
+    assert not TierComp.objects.exists() and Account.objects.get(user=user).tier.slug == "basic"  # not yet
+
+    done = support.post(_support_url(user, "comp"), {**form, "_confirm": "Confirm"})
+    assert done.status_code == 302
+    assert Account.objects.get(user=user).tier == enterprise
     client = Client()
     client.force_login(user)
-    assert client.get("/api/tokens/usage").json()["limit"] == 50_000
-    row = AuditLog.objects.get(user=user, action="change_tier")
-    assert row.actor == "sam" and row.detail["reason"] == "upsell call" and row.detail["to"] == "pro"
+    assert client.get("/api/tokens/usage").json()["limit"] == 200_000
+    row = AuditLog.objects.get(user=user, action="comp_grant")
+    assert row.actor == "sam" and row.detail["reason"] == "conference speaker" and row.detail["to"] == "enterprise"
+    page = support.get(f"/admin/metering/account/{user.token_account.pk}/change/").content.decode()
+    assert "granted without billing until" in page and "conference speaker" in page
+    assert 'data-support-action="end-comp"' in page
+    listed = support.get("/admin/metering/account/").content.decode()
+    assert f'<span data-field="comp">Enterprise until {ends} 00:00 UTC (conference speaker)</span>' in listed
+
+    asked = support.post(_support_url(user, "end-comp"), {"reason": "talk canceled"}).content.decode()
+    assert "ends now; the account returns to Basic" in asked and "Stripe is not changed" in asked
+    assert Account.objects.get(user=user).tier == enterprise  # not yet
+    assert support.post(_support_url(user, "end-comp"), {"reason": "talk canceled", "_confirm": "1"}).status_code == 302
+    assert Account.objects.get(user=user).tier.slug == "basic"
+    comp = TierComp.objects.get()
+    assert (comp.ended_by, comp.end_reason) == ("sam", "talk canceled")
+    assert AuditLog.objects.filter(user=user, action="comp_end", actor="sam").exists()
 
 
 @pytest.mark.django_db
@@ -127,7 +170,7 @@ def test_account_page_shows_figures_ledger_and_audit_read_only(support, make_use
     page = support.get(f"/admin/metering/account/{user.token_account.pk}/change/").content.decode()
     assert 'data-field="admin-used">600<' in page and 'data-field="admin-limit">10,000<' in page
     assert page.count('<td class="field-operation_id">') == 20  # the latest 20 ledger rows
-    assert 'data-table="audit"' in page and 'data-support-action="change-tier"' in page
+    assert 'data-table="audit"' in page and 'data-support-action="comp"' in page
     assert 'name="ledger-0-used_delta"' not in page  # read-only, no inputs
 
 

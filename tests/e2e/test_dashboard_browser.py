@@ -1,7 +1,7 @@
 """In a real browser (Chromium, headless) against the live server on PostgreSQL:
 a user's dashboard agrees with the API, its chart carries the period's days, the
-activity table filters, alert preferences save; support changes the user's tier
-in the console and the user's dashboard shows the new limit at once."""
+activity table filters, alert preferences save; support comps the user a tier in
+the console (confirmed first) and the user's dashboard shows the new limit at once."""
 from __future__ import annotations
 
 from datetime import timedelta
@@ -108,7 +108,7 @@ def test_user_and_support_journeys(live_server, page, artifacts, make_user, cons
     page.get_by_role("button", name="Sign out").click()
     page.wait_for_url("**/accounts/login/")
 
-    # --- support: change alice's tier in the console ---
+    # --- support: comp alice a tier in the console (she has no subscription: a comp is the only way) ---
     sign_in(page, base, "sam")
     page.goto(f"{base}/admin/")
     assert page.locator('[data-number="tokens-today"]').inner_text() == f"{sum(700 + 45 * i for i in range(6)):,}"
@@ -118,12 +118,15 @@ def test_user_and_support_journeys(live_server, page, artifacts, make_user, cons
     page.screenshot(path=str(artifacts / "admin-accounts.png"))
     page.goto(f"{base}/admin/metering/account/?q=alice")
     page.get_by_role("link", name="alice", exact=True).click()
-    page.locator('[data-support-action="change-tier"]').click()
+    page.locator('[data-support-action="comp"]').click()
     page.get_by_label("Tier:", exact=True).select_option(label="Enterprise")
-    page.get_by_role("button", name="Change tier").click()  # no reason: refused
+    page.get_by_label("Last day:", exact=True).fill((timezone.now() + timedelta(days=30)).date().isoformat())
+    page.get_by_role("button", name="Comp a tier").click()  # no reason: refused
     assert page.locator(".errorlist").first.inner_text() == "This field is required."
-    page.get_by_label("Reason:", exact=True).fill("Customer asked to upgrade on the phone")
-    page.get_by_role("button", name="Change tier").click()
+    page.get_by_label("Reason:", exact=True).fill("Pilot for the customer's team")
+    page.get_by_role("button", name="Comp a tier").click()
+    assert "granted without billing" in page.locator('[data-field="confirmation"]').inner_text()
+    page.get_by_role("button", name="Confirm: comp a tier").click()
     page.wait_for_url("**/admin/metering/account/*/change/")
     assert "now on Enterprise" in page.locator(".messagelist").inner_text()
     assert page.locator('[data-field="admin-limit"]').inner_text() == "200,000"

@@ -161,7 +161,7 @@ def test_support_changing_a_tiers_rate_in_admin_applies_at_once(api, make_user, 
 
 
 def test_an_accounts_tier_change_applies_at_once(api, make_user, settings, django_user_model):
-    """By the support console's action (metering.services.account_change_tier) and by
+    """By the support console's action (a comp: billing.services.comps.comp_grant) and by
     billing ending a canceled subscription's access (billing.services.subscriptions_expire)."""
     from django.contrib.auth.models import Group
     from django.core.management import call_command
@@ -178,8 +178,9 @@ def test_an_accounts_tier_change_applies_at_once(api, make_user, settings, djang
     staff.groups.add(Group.objects.get(name="support"))
     support = Client()
     support.force_login(staff)
-    answer = support.post(f"/admin/metering/account/{moved.token_account.pk}/support/change-tier/",
-                          {"tier": Tier.objects.get(slug="pro").pk, "reason": "downgrade asked by phone"})
+    answer = support.post(f"/admin/metering/account/{moved.token_account.pk}/support/comp/",
+                          {"tier": Tier.objects.get(slug="pro").pk, "reason": "downgrade asked by phone",
+                           "last_day": (timezone.now() + timedelta(days=30)).date().isoformat(), "_confirm": "1"})
     assert answer.status_code == 302
     assert api.get(f"/api/tokens/usage?userId={moved.pk}")["X-RateLimit-Limit"] == "500"
 
