@@ -191,6 +191,23 @@ def test_64_concurrent_settlements_of_one_token_holds_with_huge_amounts_never_pa
     assert ledger_reconcile() == [] and not reconcile()
 
 
+def test_concurrent_identical_batches_settling_holds_record_once(make_user, service_key):
+    """The copies that wait on the holds' locks find them settled: they answer with the replays."""
+    users = [make_user("pro") for _ in range(2)]
+    holds = [str(usage_check(user_id=users[i % 2].pk, tokens=100, ctx=SYSTEM, reserve=True).reservation.pk)
+             for i in range(6)]
+    operations = [consume_body(users[i % 2], f"settle-{i}", 150, reservationId=holds[i]) for i in range(6)]
+
+    results = run_concurrently(8, lambda i: _post(service_key, "/api/tokens/consume/batch",
+                                                  {"operations": operations}))
+
+    assert sorted(s for s, _ in results) == [200] * 7 + [201], [b for s, b in results if s not in (200, 201)]
+    assert [(current_period(u).used, current_period(u).reserved) for u in users] == [(450, 0), (450, 0)]
+    assert set(Reservation.objects.filter(pk__in=holds).values_list("status", flat=True)) == {"settled"}
+    assert LedgerEntry.objects.filter(kind="consumption").count() == 6
+    assert ledger_reconcile() == [] and not reconcile()
+
+
 def test_concurrent_identical_batches_record_once(make_user, service_key):
     users = [make_user("pro") for _ in range(3)]
     operations = [consume_body(users[i % 3], f"batch-{i}", 10 + i) for i in range(60)]

@@ -187,18 +187,24 @@ def _consume_batch(requests: list[ConsumeRequest], ctx: RequestContext) -> list[
             freed_in[periods[r.user_id].pk] += freed.get(i, 0)
         if delta:
             _lock_within_caps(delta, freed_in, fresh, freed, periods, holds, now, ctx)
-            used = Case(*[When(pk=pk, then=Value(d)) for pk, d in delta.items()], output_field=IntegerField())
-            changes: dict[str, Any] = {"used": F("used") + used}
-            if any(freed_in.values()):
-                gone = Case(*[When(pk=pk, then=Value(d)) for pk, d in freed_in.items()], output_field=IntegerField())
-                changes["reserved"] = F("reserved") - gone
-            UsagePeriod.objects.filter(pk__in=list(delta)).update(**changes)
+            _add_to_periods(delta, freed_in)
         if holds:
             Reservation.objects.filter(pk__in=[h.pk for h in holds.values()], status=Reservation.Status.HELD).update(
                 status=Reservation.Status.SETTLED, finished_at=now)
         recorded = _record_fresh(fresh, accounts, periods, delta, holds, freed, now, ctx, replay_audits)
     results = {**replayed, **recorded}
     return [results[i] for i in range(len(requests))]
+
+
+def _add_to_periods(delta: dict[int, int], freed_in: dict[int, int]) -> None:
+    """One UPDATE for all the batch's periods (locked and checked): the tokens used, less the holds settled."""
+    def per_period(amounts: dict[int, int]) -> Case:
+        return Case(*[When(pk=pk, then=Value(d)) for pk, d in amounts.items()], output_field=IntegerField())
+
+    changes: dict[str, Any] = {"used": F("used") + per_period(delta)}
+    if any(freed_in.values()):
+        changes["reserved"] = F("reserved") - per_period(freed_in)
+    UsagePeriod.objects.filter(pk__in=list(delta)).update(**changes)
 
 
 def _refuse_malformed(requests: list[ConsumeRequest]) -> None:
