@@ -9,7 +9,6 @@ class BillingConfig(AppConfig):
         from metering.periods import register_period_bounds
 
         from . import metrics, webhooks  # noqa: F401  (webhooks connects the dj-stripe signal receivers)
-        from . import webhooks_plan_changes  # noqa: F401  (after webhooks: confirms what it applied)
         from .services import subscription_period_bounds
 
         # A lazily opened period of a subscribed account follows its Stripe subscription;

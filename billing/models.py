@@ -72,9 +72,16 @@ class BillingAccount(models.Model):
     def __str__(self) -> str:
         return f"{self.account.user} · {self.stripe_customer_id or 'no customer'}"
 
+    # Subscription statuses under which Stripe still charges the customer.
+    LIVE_STATUSES = ("active", "trialing", "past_due")
+
     @property
     def has_subscription(self) -> bool:
         return bool(self.stripe_subscription_id)
+
+    @property
+    def subscription_live(self) -> bool:
+        return self.subscription_status in self.LIVE_STATUSES and self.access_ended_at is None
 
 
 class SubscriptionPeriod(models.Model):

@@ -11,17 +11,13 @@ from metering.models import Account, Tier
 from .models import BillingAccount, OverageInvoice, PlanChange, TierComp, TierPrice
 
 
-# Statuses under which a subscription is live: Stripe charges its price.
-SUBSCRIPTION_LIVE_STATUSES = ("active", "trialing", "past_due")
-
-
 def billing_account_for(*, account: Account) -> BillingAccount | None:
     return BillingAccount.objects.filter(account=account).first()
 
 
 def live_subscription_for(*, account: Account) -> BillingAccount | None:
     """The account's billing row if its subscription is live, else None."""
-    return BillingAccount.objects.filter(account=account, subscription_status__in=SUBSCRIPTION_LIVE_STATUSES,
+    return BillingAccount.objects.filter(account=account, subscription_status__in=BillingAccount.LIVE_STATUSES,
                                          stripe_subscription_id__gt="").first()
 
 

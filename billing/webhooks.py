@@ -13,6 +13,7 @@ from typing import Any
 from djstripe.event_handlers import djstripe_receiver
 
 from . import services
+from .services.plan_changes import plan_changes_confirm
 
 
 def _object(event: Any) -> dict[str, Any]:
@@ -22,7 +23,11 @@ def _object(event: Any) -> dict[str, Any]:
 @djstripe_receiver(["customer.subscription.created", "customer.subscription.updated",
                     "customer.subscription.deleted"])
 def on_subscription_event(sender: Any, event: Any, **kwargs: Any) -> None:
-    services.subscription_apply(subscription_id=_object(event)["id"])
+    data = _object(event)
+    services.subscription_apply(subscription_id=data["id"])
+    if event.type != "customer.subscription.deleted":
+        # once the state is applied: a support plan change that Stripe now shows is confirmed
+        plan_changes_confirm(subscription_id=data["id"], state_data=data)
 
 
 @djstripe_receiver("invoice.payment_succeeded")

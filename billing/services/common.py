@@ -20,8 +20,6 @@ WEBHOOK_EVENTS = [
     "customer.updated",
 ]
 CURRENCY = "usd"
-# Subscription statuses under which Stripe still charges the customer.
-LIVE_STATUSES = ("active", "trialing", "past_due")
 INTERVALS = ("month", "year")
 
 

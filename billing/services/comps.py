@@ -20,7 +20,7 @@ from metering.models import Account, Tier
 from metering.services import RequestContext, account_apply_terms, audit_record
 
 from ..models import BillingAccount, TierComp
-from ..selectors import SUBSCRIPTION_LIVE_STATUSES, tier_price_by_stripe_id
+from ..selectors import tier_price_by_stripe_id
 
 SYSTEM_ACTOR = "system"
 
@@ -48,7 +48,7 @@ def tier_paid_for(*, billing: BillingAccount | None, now: datetime) -> Tier | No
     if billing is not None and billing.stripe_price_id:
         paid_time_left = (billing.subscription_status == "canceled" and billing.access_ended_at is None
                           and billing.paid_through is not None and billing.paid_through > now)
-        if billing.subscription_status in SUBSCRIPTION_LIVE_STATUSES or paid_time_left:
+        if billing.subscription_status in BillingAccount.LIVE_STATUSES or paid_time_left:
             price = tier_price_by_stripe_id(price_id=billing.stripe_price_id)
             if price is not None:
                 return price.tier
@@ -76,7 +76,7 @@ class CompPreview:
 
 
 def _live_subscription_id(billing: BillingAccount | None) -> str:
-    if billing is None or billing.subscription_status not in SUBSCRIPTION_LIVE_STATUSES:
+    if billing is None or billing.subscription_status not in BillingAccount.LIVE_STATUSES:
         return ""
     return billing.stripe_subscription_id
 

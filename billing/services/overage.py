@@ -15,7 +15,7 @@ from metering.models import UsagePeriod
 
 from .. import stripe_client
 from ..models import BillingAccount, OverageInvoice, SubscriptionPeriod
-from .common import CURRENCY, LIVE_STATUSES, epoch, overage_cents
+from .common import CURRENCY, epoch, overage_cents
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ def _renewal_carries(*, period: UsagePeriod, billing: BillingAccount) -> str:
     when it gets an invoice of its own: a monthly subscription's renewal comes within a
     month, a yearly one's up to a year later (each month's overage is invoiced when that
     month ends), and a period outside a live subscription has no renewal to wait for."""
-    live = billing.subscription_status in LIVE_STATUSES and billing.access_ended_at is None
-    if not live or billing.interval != "month":
+    if not billing.subscription_live or billing.interval != "month":
         return ""
     linked = SubscriptionPeriod.objects.filter(period=period, stripe_subscription_id=billing.stripe_subscription_id)
     return billing.stripe_subscription_id if linked.exists() else ""

@@ -16,7 +16,7 @@ from metering.services import account_apply_terms, account_for_user, period_alig
 from .. import stripe_client
 from ..models import BillingAccount, SubscriptionPeriod, TierPrice
 from ..selectors import tier_price_by_stripe_id
-from .common import ACCOUNT_STATUS, LIVE_STATUSES, SubscriptionState, billing_period_at, tier_rank, usage_month
+from .common import ACCOUNT_STATUS, SubscriptionState, billing_period_at, tier_rank, usage_month
 from .comps import comp_in_force
 from .overage import overage_bill_account_on_commit
 
@@ -172,7 +172,7 @@ def _follow(*, billing: BillingAccount, account: Account, state: SubscriptionSta
         billing.pending_tier = tier  # a downgrade: at the next period
     account.status = ACCOUNT_STATUS.get(state.status, account.status)
     # A live subscription is a way to pay: overage can be invoiced (unpaid/paused is not).
-    account.can_pay = state.status in LIVE_STATUSES or customer_can_pay(billing)
+    account.can_pay = state.status in BillingAccount.LIVE_STATUSES or customer_can_pay(billing)
     if state.status in ("past_due", "unpaid") and billing.payment_failed_at is None:
         billing.payment_failed_at = now
     billing.stripe_subscription_id = state.id
@@ -289,8 +289,7 @@ def customer_payment_apply(*, customer_id: str, now: datetime | None = None) -> 
     with transaction.atomic():
         billing = BillingAccount.objects.select_for_update().get(pk=billing.pk)
         account = Account.objects.select_for_update(of=("self",)).select_related("tier").get(pk=billing.account_id)
-        live = billing.subscription_status in LIVE_STATUSES and billing.access_ended_at is None
-        can_pay = live or customer_can_pay(billing)
+        can_pay = billing.subscription_live or customer_can_pay(billing)
         if account.can_pay == can_pay:
             return "unchanged"
         account.can_pay = can_pay

@@ -8,12 +8,13 @@ from django.utils import timezone
 
 from consensus_tokens.errors import ApplicationError
 
+from ..errors import TokenCapExceeded
 from ..models import Account, LedgerEntry, Reservation, Tier, UsagePeriod
 from .accounts import account_apply_terms, period_current
 from .audit import audit_record
 from .context import RequestContext
 from .notify import notify_usage
-from .usage import reservation_release
+from .usage import period_available, reservation_release
 
 
 def _require_reason(reason: str) -> None:
@@ -24,7 +25,9 @@ def _require_reason(reason: str) -> None:
 def usage_adjust(*, account: Account, tokens: int, reason: str, actor: str,
                  kind: str = LedgerEntry.Kind.ADJUSTMENT) -> LedgerEntry:
     """Correct the current period's used tokens by `tokens` (negative gives tokens
-    back). A correction never takes usage below zero; a grant may (a credit)."""
+    back). A correction never takes usage below zero; a grant may (a credit). One that
+    adds usage stays under the cap, as every path that grants tokens does: what passes
+    it could not have been allowed, so it could not be billed."""
     _require_reason(reason)
     if tokens == 0:
         raise ApplicationError("An adjustment of zero changes nothing.", code="invalid_request")
@@ -33,6 +36,9 @@ def usage_adjust(*, account: Account, tokens: int, reason: str, actor: str,
         locked = UsagePeriod.objects.select_for_update().get(pk=period.pk)
         if kind == LedgerEntry.Kind.ADJUSTMENT and locked.used + tokens < 0:
             raise ApplicationError(f"Usage is {locked.used}; it cannot go below zero.", code="invalid_request")
+        if tokens > 0 and locked.used + locked.reserved + tokens > locked.cap:
+            raise TokenCapExceeded(f"Usage would pass the cap of {locked.cap:,} tokens.",
+                                   extra={"available": period_available(locked), "cap": locked.cap})
         before = locked.used
         UsagePeriod.objects.filter(pk=period.pk).update(used=F("used") + tokens)
         entry = LedgerEntry.objects.create(account=account, period=locked, kind=kind, used_delta=tokens,

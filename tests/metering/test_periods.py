@@ -202,6 +202,10 @@ def test_grant_adjust_and_reset_write_ledger_rows(api, staff_account, spend):
         usage_adjust(account=staff_account, tokens=-3_001, actor="ann", reason="too far")
     with pytest.raises(ApplicationError):
         usage_adjust(account=staff_account, tokens=0, actor="ann", reason="nothing")
+    cap = current_period(user).cap
+    with pytest.raises(ApplicationError) as past_cap:  # a correction upwards stays under the cap too
+        usage_adjust(account=staff_account, tokens=cap - 3_000 + 1, actor="ann", reason="late report")
+    assert past_cap.value.code == "token_cap_exceeded" and usage(api, user)["used"] == 3_000
     with pytest.raises(ApplicationError):
         usage_grant(account=staff_account, tokens=-5, actor="ann", reason="negative grant")
     hold = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 400, "reserve": True}, format="json").json()
