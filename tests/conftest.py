@@ -52,6 +52,12 @@ def _clear_cache():
 
     cache.clear()
     rules_cache_clear()  # per-process rules may hold rows a previous test rolled back
+    # Celery keeps "inside a task" in one process-wide flag that each eager task sets and then
+    # puts back as it found it: eager tasks run by racing threads (the 64-thread tests) can put
+    # back each other's True and leave it set, after which any .get() refuses to block.
+    from celery._state import _set_task_join_will_block
+
+    _set_task_join_will_block(False)
     yield
 
 

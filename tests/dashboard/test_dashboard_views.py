@@ -207,3 +207,29 @@ def test_plan_card_shows_billing_state_and_the_portal_button_for_a_customer(sign
     assert 'action="/billing/portal"' in html and 'data-field="billing-status">Past due<' in html
     assert "Changes to Basic at the end of this billing period." in html
     assert "Your subscription ends with this billing period." in html
+
+
+@pytest.mark.django_db
+def test_plan_card_shows_the_months_true_allowance_next_reset_and_overage_room(signed_in, make_user):
+    """A yearly subscriber sees the monthly allowance and the month's end as the next reset, not
+    the year's; an account that cannot pay sees that it has no overage room."""
+    from datetime import timedelta
+
+    from billing.models import BillingAccount
+    from billing.services import add_months
+
+    user, client = signed_in("pro")
+    year_start = timezone.now() - timedelta(days=40)
+    BillingAccount.objects.create(account=user.token_account, stripe_customer_id="cus_Y1", subscription_status="active",
+                                  stripe_subscription_id="sub_Y1", interval="year", current_period_start=year_start,
+                                  current_period_end=add_months(year_start, 12))
+    html = client.get("/dashboard/").content.decode()
+    month_end = add_months(year_start, 2)  # the year's second month holds now (40 days in)
+    allowance = re.search(r'data-field="allowance">([^<]*)<', html).group(1)
+    assert allowance == f"50,000 tokens a month (billed yearly), next reset {month_end:%b %-d, %Y %H:%M} UTC"
+    assert re.search(r'data-field="overage-room">Overage up to 50,000 tokens past the allowance', html)
+
+    payless = make_user("basic", can_pay=False)
+    client.force_login(payless)
+    html = client.get("/dashboard/").content.decode()
+    assert "No overage without a payment method: usage stops at the allowance" in html
