@@ -17,6 +17,7 @@ from . import selectors
 from .api import ERRORS, JsonApi, _valid, user_id_for
 
 MAX_DAYS = 366 * 3  # one request covers at most three years of days
+MONTH_PATTERN = r"^(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d\d\d)-(0[1-9]|1[0-2])$"
 
 
 class StrictDateField(serializers.Field):
@@ -86,8 +87,9 @@ class MonthlyReportApi(JsonApi):
 
     class FilterSerializer(serializers.Serializer):
         userId = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
-        month = serializers.RegexField(r"^\d{4}-(0[1-9]|1[0-2])$", required=False,
-                                       error_messages={"invalid": "Use a month as YYYY-MM."})
+        # Year 0000 does not exist in Python or PostgreSQL: months run from 0001-01 to 9999-12.
+        month = serializers.RegexField(MONTH_PATTERN, required=False,
+                                       error_messages={"invalid": "Use a month as YYYY-MM, from 0001-01 to 9999-12."})
 
     class OutputSerializer(serializers.Serializer):
         month = serializers.CharField()
@@ -106,7 +108,8 @@ class MonthlyReportApi(JsonApi):
         month = date.fromisoformat(data["month"] + "-01") if data.get("month") else timezone.now().date().replace(day=1)
         report = selectors.usage_monthly_report(user_id=user_id, month=month)
         return Response({
-            "month": f"{report.month:%Y-%m}",
+            # zero-padded whatever the year: strftime's %Y writes year 1 as "1"
+            "month": f"{report.month.year:04d}-{report.month.month:02d}",
             "totalTokens": report.total_tokens,
             "totalRequests": report.total_requests,
             # a count ratio, not money: a JSON number rounded to cents of a token

@@ -30,4 +30,10 @@ class ReservationNotFound(ApplicationError):
 
 
 class ReservationExpired(ApplicationError):
+    """The hold is no longer held: it expired (or, for a consume, was released or settled)."""
     status, code = 409, "reservation_expired"
+
+
+class ReservationSettled(ApplicationError):
+    """A release of a hold a consume has already settled: its tokens are spent, not held."""
+    status, code = 409, "reservation_settled"

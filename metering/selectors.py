@@ -219,6 +219,8 @@ class MonthlyReport:
 
 def month_bounds(month: date) -> tuple[date, date]:
     first = month.replace(day=1)
+    if first.year == date.max.year and first.month == 12:
+        return first, date.max  # there is no month after 9999-12 to count back from
     nxt = first.replace(year=first.year + 1, month=1) if first.month == 12 else first.replace(month=first.month + 1)
     return first, nxt - timedelta(days=1)
 

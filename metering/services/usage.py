@@ -17,7 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q, QuerySet, Sum
 from django.utils import timezone
 
-from ..errors import ReservationExpired, ReservationNotFound, UnknownOperationType, UnknownProvider
+from ..errors import ReservationExpired, ReservationNotFound, ReservationSettled, UnknownOperationType, UnknownProvider
 from ..models import Account, AuditLog, LedgerEntry, OperationType, Provider, Reservation, UsagePeriod
 from .accounts import account_for_user, period_current
 from .audit import audit_record, audit_row
@@ -243,13 +243,17 @@ def reservation_of(account: Account, reservation_id: str, *, lock: bool) -> Rese
 
 def reservation_release(*, user_id: int, reservation_id: str, ctx: RequestContext,
                         status: str = Reservation.Status.RELEASED) -> Reservation:
-    """Release a hold. Releasing one already released answers the same; one that was
-    settled or expired cannot be released."""
+    """Release a hold. Releasing one already released answers the same (idempotent); one
+    that was settled is refused as `reservation_settled`, one that expired as
+    `reservation_expired` (its tokens are already free)."""
     account = account_for_user(user_id=user_id)
     with transaction.atomic():
         reservation = reservation_of(account, reservation_id, lock=True)
         if reservation.status == status:
             return reservation
+        if reservation.status == Reservation.Status.SETTLED:
+            raise ReservationSettled(f"Reservation {reservation_id} is settled: its tokens were consumed.",
+                                     extra={"status": reservation.status})
         if reservation.status != Reservation.Status.HELD:
             raise ReservationExpired(f"Reservation {reservation_id} is {reservation.status}.",
                                      extra={"status": reservation.status})

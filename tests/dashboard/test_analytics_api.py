@@ -115,3 +115,59 @@ def test_history_up_to_the_last_day_there_is_answers(read_api, make_user, consum
     consume(user, 5)
     response = read_api.get(f"/api/tokens/history?userId={user.pk}&to=9999-12-31")
     assert response.status_code == 200 and len(response.json()["results"]) == 1
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("month", ["0001-01", "0999-05", "9999-12"])
+def test_monthly_report_at_the_edge_years_answers_zero_padded(read_api, make_user, month):
+    """0001-01 used to answer "1-01", and 9999-12 a 500 (its month end overflowed)."""
+    user = make_user()
+    response = read_api.get(f"/api/tokens/reports/monthly?userId={user.pk}&month={month}")
+    assert response.status_code == 200, response.content
+    assert response.json()["month"] == month and response.json()["totalTokens"] == 0
+
+
+@pytest.mark.django_db
+def test_monthly_report_names_this_month_zero_padded(read_api, make_user):
+    user = make_user()
+    body = read_api.get(f"/api/tokens/reports/monthly?userId={user.pk}").json()
+    assert body["month"] == f"{timezone.now().year:04d}-{timezone.now().month:02d}"
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("month", ["0000-01", "0000-12", "10000-01"])
+def test_a_month_python_and_postgresql_cannot_hold_is_a_400_naming_the_field(read_api, make_user, month):
+    """month=0000-01 used to answer 500 (year 0 is out of range)."""
+    error = _refused(read_api.get(f"/api/tokens/reports/monthly?userId={make_user().pk}&month={month}"), "month")
+    assert "0001-01 to 9999-12" in error["fields"]["month"][0]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query", ["from=0000-01-01", "to=0000-12-31", "from=0001-01-01", "to=9999-12-31",
+                                   "from=9999-12-31", "to=10000-01-01"])
+def test_daily_edge_years_are_a_400_not_a_500(read_api, make_user, query):
+    _refused(read_api.get(f"/api/tokens/analytics/daily?userId={make_user().pk}&{query}"), query.split("=")[0])
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("query,status", [
+    ("from=0000-01-01", 400), ("to=0000-12-31", 400), ("from=10000-01-01", 400),
+    ("from=0001-01-01", 200), ("to=0001-01-01", 200), ("from=9999-12-31", 200), ("to=9999-12-31", 200),
+    ("from=0001-01-01T00:00:00Z", 200), ("to=9999-12-31T23:59:59.999999Z", 200),
+    # a time zone that takes the instant past Python's years in UTC: PostgreSQL still compares it
+    ("from=0001-01-01T00:00:00%2B05:00", 200), ("to=9999-12-31T23:00:00-05:00", 200),
+])
+def test_history_edge_years_are_answered_not_a_500(read_api, make_user, query, status):
+    user = make_user()
+    response = read_api.get(f"/api/tokens/history?userId={user.pk}&{query}")
+    assert response.status_code == status, response.content
+    if status == 400:
+        _refused(response, query.split("=")[0])
+
+
+def _refused(response, field: str) -> dict:
+    """A 400 invalid_request naming `field`; the error body."""
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and field in error["fields"], error
+    return error

@@ -111,7 +111,7 @@ def test_check_reserve_settle_release_and_expiry_are_audited(api, user, key):
          "req-settle")
     assert (audit_for("req-settle").result, audit_for("req-settle").tokens) == ("recorded", 90)
     post(api, "/api/tokens/release", {"userId": user.pk, "reservationId": settled["reservationId"]}, "req-rel-409")
-    assert audit_for("req-rel-409").result == "reservation_expired"
+    assert audit_for("req-rel-409").result == "reservation_settled"
 
     stale = post(api, "/api/tokens/check", {"userId": user.pk, "tokens": 40, "reserve": True}, "r3").json()
     with time_machine.travel(timezone.now() + timedelta(hours=1)):

@@ -173,7 +173,8 @@ def test_releasing_a_settled_hold_is_409(api, user):
              format="json")
     response = release(api, user, hold["reservationId"])
     assert response.status_code == 409
-    assert response.json()["error"]["code"] == "reservation_expired"
+    assert response.json()["error"]["code"] == "reservation_settled"
+    assert "settled" in response.json()["error"]["message"]
     period = current_period(user)
     assert (period.used, period.reserved) == (400, 0)
     assert ledger_reconcile() == []
@@ -221,7 +222,8 @@ def test_stale_holds_expire_and_cannot_be_settled(api, user):
                           consume_body(user, "stale", 950, reservationId=stale["reservationId"]), format="json")
         assert settle.status_code == 409
         assert settle.json()["error"]["code"] == "reservation_expired"
-        assert release(api, user, stale["reservationId"]).status_code == 409
+        released = release(api, user, stale["reservationId"])
+        assert released.status_code == 409 and released.json()["error"]["code"] == "reservation_expired"
         # the operation can still be recorded, without the hold, under the cap
         assert api.post("/api/tokens/consume", consume_body(user, "stale", 950), format="json").status_code == 201
     assert current_period(user).used == 950
