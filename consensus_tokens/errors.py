@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.conf import settings
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent, TooManyFilesSent
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404
@@ -40,6 +42,10 @@ def error_body(code: str, message: str, fields: dict[str, Any] | None = None,
     return {"error": error}
 
 
+def payload_too_large_body() -> dict[str, Any]:
+    return error_body("payload_too_large", f"The body is larger than {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.")
+
+
 def _flatten(detail: Any) -> Any:
     if isinstance(detail, dict):
         return {k: _flatten(v) for k, v in detail.items()}
@@ -61,6 +67,10 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, DjangoValidationError):
         fields = exc.message_dict if hasattr(exc, "error_dict") else {"nonFieldErrors": exc.messages}
         return Response(error_body("invalid_request", "Invalid input.", fields), status=400)
+    if isinstance(exc, RequestDataTooBig):  # a body without Content-Length (request_limits.py checks the rest)
+        return Response(payload_too_large_body(), status=413)
+    if isinstance(exc, (TooManyFieldsSent, TooManyFilesSent)):
+        return Response(error_body("invalid_request", str(exc)), status=400)
     if isinstance(exc, (OperationalError, InterfaceError)):
         logger.exception("database unavailable")
         response = Response(error_body("service_unavailable", "The database is unavailable; retry shortly."),

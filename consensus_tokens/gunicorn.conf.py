@@ -27,6 +27,10 @@ max_requests_jitter = int(os.environ.get("GUNICORN_MAX_REQUESTS_JITTER", "10000"
 preload_app = os.environ.get("GUNICORN_PRELOAD", "true").lower() in ("1", "true", "yes")
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
+# gunicorn answers a request line past this with an HTML 414 of its own. 8190 (its most) lets
+# every URL up to the app's limit (request_limits.MAX_URL_BYTES, 4096) reach Django, which
+# answers past that with a JSON 414 in the API's error shape.
+limit_request_line = int(os.environ.get("GUNICORN_LIMIT_REQUEST_LINE", "8190"))
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 
 # Prometheus: with several worker processes each writes its samples to files in

@@ -41,6 +41,7 @@ MIDDLEWARE = [
     "consensus_tokens.middleware.RequestIdMiddleware",
     "consensus_tokens.logging.RequestLogMiddleware",
     "consensus_tokens.metrics.RequestMetricsMiddleware",
+    "consensus_tokens.request_limits.RequestLimitsMiddleware",  # 413/414 in JSON, before anything reads the body
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
