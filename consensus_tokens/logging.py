@@ -16,6 +16,8 @@ from typing import Any
 
 from django.utils.functional import SimpleLazyObject, empty
 
+from consensus_tokens.client_ip import client_ip
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is logged too.
@@ -71,7 +73,7 @@ class RequestLogMiddleware:
             fields: dict[str, Any] = {
                 "method": request.method, "path": request.path, "status": status,
                 "duration_ms": round((time.perf_counter() - start) * 1000, 2),
-                "client_ip": request.META.get("REMOTE_ADDR", ""),
+                "client_ip": client_ip(request),
                 "request_id": getattr(request, "request_id", ""),
             }
             principal = _principal(request)

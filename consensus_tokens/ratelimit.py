@@ -35,6 +35,7 @@ from django.utils.html import escape
 from django_ratelimit.core import get_usage
 
 from consensus_tokens import metrics
+from consensus_tokens.client_ip import client_ip
 from consensus_tokens.errors import ApplicationError, error_body
 
 logger = logging.getLogger(__name__)
@@ -278,6 +279,8 @@ class RateLimitMiddleware:
             metrics.ratelimit_backend_errors.inc()
             return None
         try:
+            # key="ip": django-ratelimit asks RATELIMIT_IP_META_KEY, our client_ip (behind trusted proxies, the
+            # forwarded client; IPv6 grouped by its /64)
             usage = get_usage(request, group=_client_ip_group(request.path_info), key="ip", rate=rate,
                               method="POST", increment=True)
         except Exception as error:  # noqa: BLE001 - the store failing fails open
@@ -285,7 +288,7 @@ class RateLimitMiddleware:
             return None
         if usage is None:
             return None
-        state = LimitState(scope="ip", value=request.META.get("REMOTE_ADDR", ""), limit=usage["limit"],
+        state = LimitState(scope="ip", value=client_ip(request), limit=usage["limit"],
                            count=usage["count"], reset_at=int(time.time()) + max(0, usage["time_left"]))
         request.ratelimit = state
         if not usage["should_limit"]:

@@ -17,6 +17,7 @@ from alerts.services import alert_resend_by_support
 from billing.selectors import billing_account_for, live_subscription_for, plan_changes_for, tier_price_by_stripe_id
 from billing.services.comps import comp_end, comp_end_preview, comp_grant, comp_in_force, comp_preview
 from billing.services.plan_changes import plan_change_preview, plan_change_request
+from consensus_tokens.client_ip import client_ip
 from consensus_tokens.errors import ApplicationError
 from metering import selectors as metering_selectors
 from metering.admin import ReadOnlyPermissions
@@ -315,7 +316,7 @@ class AccountAdmin(admin.ModelAdmin):
         if action == "reset":
             period_reset(account=account, reason=reason, actor=actor)
             return f"{account.user}'s current period starts again from zero."
-        ctx = RequestContext(actor=actor, client_ip=request.META.get("REMOTE_ADDR") or None)
+        ctx = RequestContext(actor=actor, client_ip=client_ip(request) or None)
         if action == "resend-alert":
             alert_resend_by_support(user_id=account.user_id, event_id=int(data["alert"]), reason=reason, ctx=ctx)
             return "The alert is queued to be sent again."

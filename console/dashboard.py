@@ -23,6 +23,7 @@ from django.views.generic import TemplateView
 from alerts.selectors import PREFERENCE_KINDS, alert_preferences_get
 from alerts.services import alert_preferences_update
 from billing.selectors import billing_summary
+from consensus_tokens.client_ip import client_ip
 from consensus_tokens.errors import ApplicationError
 from metering import selectors, services
 from metering.models import Tier, UsagePeriod
@@ -173,7 +174,7 @@ class AlertPreferencesView(LoginRequiredMixin, View):
             messages.error(request, error.message)
         else:
             services.audit_record(ctx=services.RequestContext(actor=request.user.get_username(),
-                                                              client_ip=request.META.get("REMOTE_ADDR") or None),
+                                                              client_ip=client_ip(request) or None),
                                   user_id=request.user.pk, action="alert_preferences", result="recorded",
                                   detail=changes)
             messages.success(request, "E-mail preferences saved.")

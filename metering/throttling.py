@@ -17,6 +17,7 @@ from rest_framework.exceptions import ParseError
 from rest_framework.throttling import BaseThrottle
 
 from consensus_tokens import metrics
+from consensus_tokens.client_ip import client_ip
 from consensus_tokens.ratelimit import (
     HOUR,
     ip_rate_limited,
@@ -139,7 +140,7 @@ def _publish_change(using: str) -> None:
 
 
 def _audit_ip_refusal(sender, request, action: str, **kwargs) -> None:
-    audit_record(ctx=RequestContext(client_ip=request.META.get("REMOTE_ADDR") or None,
+    audit_record(ctx=RequestContext(client_ip=client_ip(request) or None,
                                     user_agent=request.META.get("HTTP_USER_AGENT", ""),
                                     request_id=getattr(request, "request_id", "")),
                  user_id=None, action=action, result="rate_limited", detail={"path": request.path_info})

@@ -122,6 +122,13 @@ RATELIMIT_IP_PATHS = {
     "/admin/login/": env("RATELIMIT_LOGIN_RATE", default="10/m"),
     "/accounts/password_reset/": env("RATELIMIT_PASSWORD_RESET_RATE", default="5/h"),
 }
+# The client IP (consensus_tokens/client_ip.py): X-Forwarded-For is read only from these proxies
+# (IPs or CIDR networks, comma-separated), at most TRUSTED_PROXY_COUNT hops (the peer included;
+# default 1 with a list, else 0). Neither set: REMOTE_ADDR only. Per-IP limits key on it too.
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+_trusted_proxy_count = env("TRUSTED_PROXY_COUNT", default="")  # empty (docker-compose's unset): the default
+TRUSTED_PROXY_COUNT = int(_trusted_proxy_count) if _trusted_proxy_count else None
+RATELIMIT_IP_META_KEY = "consensus_tokens.client_ip.client_ip"
 # Prometheus endpoint (/metrics): when set, scrapes must send `Authorization: Bearer <token>`.
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
 

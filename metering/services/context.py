@@ -3,6 +3,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from consensus_tokens.client_ip import client_ip
+
 from ..principals import ServicePrincipal
 
 
@@ -25,7 +27,7 @@ def request_context(request: Any) -> RequestContext:
     principal = request.user
     return RequestContext(
         service_key_id=principal.key.pk if isinstance(principal, ServicePrincipal) else None,
-        client_ip=request.META.get("REMOTE_ADDR") or None,
+        client_ip=client_ip(request) or None,
         user_agent=request.META.get("HTTP_USER_AGENT", ""),
         request_id=getattr(request._request, "request_id", ""),
         actor="" if isinstance(principal, ServicePrincipal) else str(principal),
