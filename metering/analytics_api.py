@@ -6,7 +6,7 @@ from datetime import date, timedelta
 
 from django.utils import timezone
 from django.utils.dateparse import parse_date
-from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from drf_spectacular.utils import extend_schema, extend_schema_field, inline_serializer
 from rest_framework import serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -20,6 +20,11 @@ MAX_DAYS = 366 * 3  # one request covers at most three years of days
 MONTH_PATTERN = r"^(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d\d\d)-(0[1-9]|1[0-2])$"
 
 
+# 1970-01-01 to 9998-12-31 (the years 1970-9998), as StrictDateField checks
+_DATE_RANGE_PATTERN = r"^(19[7-9]\d|[2-8]\d{3}|9[0-8]\d\d|99[0-8]\d|999[0-8])-\d\d-\d\d$"
+
+
+@extend_schema_field({"type": "string", "format": "date", "pattern": _DATE_RANGE_PATTERN})
 class StrictDateField(serializers.Field):
     default_error_messages = {"invalid": "Use a date as YYYY-MM-DD, from 1970-01-01 to 9998-12-31."}
 
@@ -67,9 +72,7 @@ class DailyAnalyticsApi(JsonApi):
         totalTokens = serializers.IntegerField(source="tokens")
         requestCount = serializers.IntegerField(source="requests")
 
-    @extend_schema(parameters=[OpenApiParameter("userId", int), OpenApiParameter("from", str, description="YYYY-MM-DD"),
-                               OpenApiParameter("to", str, description="YYYY-MM-DD"),
-                               OpenApiParameter("groupBy", str, enum=["operationType"])],
+    @extend_schema(parameters=[FilterSerializer],
                    responses={200: OutputSerializer(many=True), **ERRORS})
     def get(self, request: Request) -> Response:
         data = _valid(self.FilterSerializer, request, query=True)
@@ -100,7 +103,7 @@ class MonthlyReportApi(JsonApi):
             "operationType": serializers.CharField(), "tokens": serializers.IntegerField(),
             "requests": serializers.IntegerField()}, many=True)
 
-    @extend_schema(parameters=[OpenApiParameter("userId", int), OpenApiParameter("month", str, description="YYYY-MM")],
+    @extend_schema(parameters=[FilterSerializer],
                    responses={200: OutputSerializer, **ERRORS})
     def get(self, request: Request) -> Response:
         data = _valid(self.FilterSerializer, request, query=True)

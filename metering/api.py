@@ -91,6 +91,28 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class StrictCharField(serializers.CharField):
+    """Text only: refuses numbers and booleans (DRF would turn 0 into "0"), and a value longer
+    than max_length before trimming, as the schema's maxLength does (DRF counts after)."""
+
+    def run_validation(self, data=serializers.empty):
+        if data is not serializers.empty and data is not None:
+            if not isinstance(data, str):
+                self.fail("invalid")
+            if self.max_length is not None and len(data) > self.max_length:
+                self.fail("max_length", max_length=self.max_length)
+        return super().run_validation(data)
+
+
+class StrictBooleanField(serializers.BooleanField):
+    """true or false only: DRF would also take "yes", "on", 1, "true" and the like."""
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 class StrictTokens(StrictIntegerField):
     def __init__(self, **kwargs):
         kwargs.setdefault("min_value", 1)
@@ -127,8 +149,9 @@ class ErrorOutput(serializers.Serializer):
 
 
 # 429: a rate limit (consensus_tokens/ratelimit.py); 503: the database is unreachable (retry).
-ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 429: ErrorOutput,
-          503: ErrorOutput}
+# 413/414: past the request limits (consensus_tokens/request_limits.py).
+ERRORS = {400: ErrorOutput, 401: ErrorOutput, 403: ErrorOutput, 404: ErrorOutput, 413: ErrorOutput, 414: ErrorOutput,
+          429: ErrorOutput, 503: ErrorOutput}
 
 
 class EstimateApi(JsonApi):
@@ -136,12 +159,12 @@ class EstimateApi(JsonApi):
 
     class InputSerializer(serializers.Serializer):
         userId = UserIdField(required=False)
-        operationType = serializers.CharField(max_length=40)
-        provider = serializers.CharField(max_length=40, default="openai")
-        model = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
-        topic = serializers.CharField(allow_blank=True, max_length=2_000_000, trim_whitespace=False)
-        sources = serializers.ListField(child=serializers.CharField(allow_blank=True, max_length=2_000_000,
-                                                                    trim_whitespace=False),
+        operationType = StrictCharField(max_length=40)
+        provider = StrictCharField(max_length=40, default="openai")
+        model = StrictCharField(max_length=100, required=False, allow_blank=True, default="")
+        topic = StrictCharField(allow_blank=True, max_length=2_000_000, trim_whitespace=False)
+        sources = serializers.ListField(child=StrictCharField(allow_blank=True, max_length=2_000_000,
+                                                              trim_whitespace=False),
                                         required=False, default=list, max_length=1000)
 
     class OutputSerializer(serializers.Serializer):
@@ -171,9 +194,9 @@ class CheckApi(JsonApi):
     class InputSerializer(serializers.Serializer):
         userId = UserIdField(required=False)
         tokens = StrictTokens()
-        operationType = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
-        reserve = serializers.BooleanField(required=False, default=False)
-        operationId = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+        operationType = StrictCharField(max_length=40, required=False, allow_blank=True, default="")
+        reserve = StrictBooleanField(required=False, default=False)
+        operationId = StrictCharField(max_length=200, required=False, allow_blank=True, default="")
         ttlSeconds = StrictIntegerField(required=False, min_value=1, max_value=24 * 3600)
 
     class OutputSerializer(serializers.Serializer):
@@ -211,11 +234,11 @@ class CheckApi(JsonApi):
 
 class ConsumeInput(serializers.Serializer):
     userId = UserIdField()
-    operationId = serializers.CharField(max_length=200)
+    operationId = StrictCharField(max_length=200)
     tokens = StrictTokens()
-    operationType = serializers.CharField(max_length=40)
-    provider = serializers.CharField(max_length=40, required=False, allow_blank=True, default="")
-    model = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    operationType = StrictCharField(max_length=40)
+    provider = StrictCharField(max_length=40, required=False, allow_blank=True, default="")
+    model = StrictCharField(max_length=100, required=False, allow_blank=True, default="")
     reservationId = serializers.UUIDField(
         required=False, allow_null=True, default=None,
         help_text="The hold (from /check with reserve) this consume settles: its tokens are freed and the actual "
@@ -234,7 +257,7 @@ class ConsumeInput(serializers.Serializer):
 
 # Valid, plain consume items skip DRF's per-field machinery (same result; anything
 # else, errors included, still goes through ConsumeInput). See metering/fast_validation.py.
-_consume_plain = plain_validator(ConsumeInput, narrowing=(StrictIntegerField,))
+_consume_plain = plain_validator(ConsumeInput, narrowing=(StrictIntegerField, StrictCharField))
 
 
 def _consume_batch_plain(data: Any) -> dict[str, Any] | None:
@@ -366,11 +389,15 @@ class UsageApi(JsonApi):
     class FilterSerializer(serializers.Serializer):
         userId = serializers.IntegerField(required=False, min_value=1, max_value=2**63 - 1)
 
-    @extend_schema(parameters=[OpenApiParameter("userId", int)], responses={200: UsageOutput, **ERRORS})
+    @extend_schema(parameters=[FilterSerializer], responses={200: UsageOutput, **ERRORS})
     def get(self, request: Request) -> Response:
         data = _valid(self.FilterSerializer, request, query=True)
         user_id = user_id_for(request, data.get("userId"))
         return Response(services.usage_get(user_id=user_id).as_api())
+
+
+# history's from/to: an ISO 8601 date (the whole day) or date-time
+DATE_OR_DATE_TIME = {"type": "string", "anyOf": [{"format": "date"}, {"format": "date-time"}]}
 
 
 class HistoryPagination(CursorPagination):
@@ -420,9 +447,8 @@ class HistoryApi(JsonApi):
         reason = serializers.CharField()
         createdAt = serializers.DateTimeField(source="created_at")
 
-    @extend_schema(parameters=[OpenApiParameter("userId", int), OpenApiParameter("from", str),
-                               OpenApiParameter("to", str), OpenApiParameter("operationType", str),
-                               OpenApiParameter("kind", str), OpenApiParameter("cursor", str),
+    @extend_schema(parameters=[FilterSerializer, OpenApiParameter("from", DATE_OR_DATE_TIME),
+                               OpenApiParameter("to", DATE_OR_DATE_TIME), OpenApiParameter("cursor", str),
                                OpenApiParameter("pageSize", int)],
                    responses={200: inline_serializer("HistoryPage", {
                        "next": serializers.CharField(allow_null=True), "previous": serializers.CharField(allow_null=True),

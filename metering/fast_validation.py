@@ -71,7 +71,7 @@ def _field_check(field: drf_fields.Field, narrowing: tuple[type, ...]) -> Check 
     integer_parsers = {serializers.IntegerField.to_internal_value, *(c.to_internal_value for c in narrowing)}
     if isinstance(field, serializers.IntegerField) and type(field).to_internal_value in integer_parsers:
         return _integer_check(field)
-    if type(field) is serializers.CharField:
+    if type(field) is serializers.CharField or (isinstance(field, serializers.CharField) and type(field) in narrowing):
         return _char_check(field)
     if type(field) is serializers.UUIDField:  # only absent or null take the fast path
         return lambda value: _MISSING
@@ -80,8 +80,9 @@ def _field_check(field: drf_fields.Field, narrowing: tuple[type, ...]) -> Check 
 
 def plain_validator(serializer_class: type[serializers.Serializer], *, narrowing: tuple[type, ...] = ()
                     ) -> Callable[[Any], dict[str, Any] | None]:
-    """`narrowing`: IntegerField subclasses whose parsing only accepts fewer inputs
-    than IntegerField's (the check here accepts nothing but in-range ints anyway)."""
+    """`narrowing`: IntegerField and CharField subclasses that only accept fewer inputs than
+    their base (the checks here accept nothing but in-range ints, and strings that need no
+    trimming within max_length, anyway)."""
     serializer = serializer_class()
     if type(serializer).validate is not serializers.Serializer.validate or any(
             hasattr(serializer, f"validate_{name}") for name in serializer.fields):

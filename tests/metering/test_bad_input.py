@@ -233,6 +233,9 @@ def test_unknown_api_path_is_404_with_the_error_shape(api):
     ("reservationId", "not-a-uuid"), ("reservationId", "1234"), ("reservationId", {}),
     ("estimatedTokens", -1), ("estimatedTokens", "10"), ("estimatedTokens", True), ("estimatedTokens", 1.5),
     ("estimatedTokens", MAX + 1),
+    # strings are strings (DRF would take 0 as "0"), and max_length counts the whitespace it trims
+    ("operationId", 0), ("operationId", 1.5), ("operationId", True), ("operationType", 0), ("provider", 7),
+    ("model", False), ("operationId", "  " + "x" * 199),
 ])
 def test_consume_field_validation(api, user, field, value):
     response = api.post("/api/tokens/consume", with_change(consume_base(user), field, value), format="json")
@@ -247,6 +250,9 @@ def test_consume_with_an_unknown_reservation_is_404(api, user):
 @pytest.mark.parametrize("field,value", [
     ("reserve", "maybe"), ("reserve", 2), ("reserve", None), ("ttlSeconds", 0), ("ttlSeconds", -1),
     ("ttlSeconds", "60"), ("ttlSeconds", 10**9), ("operationId", "y" * 201),
+    # booleans are true or false (DRF would take "yes", "on", "true" and 1 as true)
+    ("reserve", "yes"), ("reserve", "true"), ("reserve", "on"), ("reserve", 1), ("reserve", 0),
+    ("operationId", 0), ("operationType", 12),
 ])
 def test_check_field_validation(api, user, field, value):
     response = api.post("/api/tokens/check", with_change(reserve_base(user), field, value), format="json")
@@ -257,6 +263,7 @@ def test_check_field_validation(api, user, field, value):
     ("operationType", MISSING), ("topic", MISSING), ("topic", None), ("topic", {"a": 1}), ("topic", ["a"]),
     ("topic", "nul\u0000"), ("sources", "not a list"), ("sources", [{"a": 1}]), ("sources", [None]),
     ("sources", ["s"] * 1001), ("sources", {"0": "s"}), ("provider", None), ("model", ["gpt-4o"]),
+    ("topic", 5), ("sources", [5]), ("operationType", True), ("provider", 1),
 ])
 def test_estimate_field_validation(api, user, field, value):
     response = api.post("/api/tokens/estimate", with_change(estimate_base(user), field, value), format="json")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from django.core.management import call_command
@@ -79,3 +80,51 @@ def test_the_metering_schema_generates_without_warnings():
     call_command("spectacular", "--validate", "--fail-on-warn", "--urlconf", "tests.metering.schema_urls",
                  stdout=out, stderr=err)
     assert "/api/tokens/consume/batch" in out.getvalue()
+
+
+def _component(schema: dict, ref: str) -> dict:
+    return schema["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+
+
+def _body(schema: dict, path: str) -> dict:
+    return _component(schema, schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]
+                      ["schema"]["$ref"])["properties"]
+
+
+def _query(schema: dict, path: str) -> dict:
+    return {p["name"]: p["schema"] for p in schema["paths"][path]["get"]["parameters"]}
+
+
+@pytest.mark.parametrize("path", ["/api/tokens/usage", "/api/tokens/history", "/api/tokens/analytics/daily",
+                                  "/api/tokens/reports/monthly"])
+def test_the_reads_userid_has_the_minimum_validation_has(schema, path):
+    """userId=0 was schema-valid, and refused."""
+    assert _query(schema, path)["userId"]["minimum"] == 1
+
+
+def test_non_blank_strings_say_so(schema):
+    """A blank operationType/operationId was schema-valid, and refused (trimmed, then empty)."""
+    consume = _body(schema, "/api/tokens/consume")
+    for name in ("operationType", "operationId"):
+        field = consume[name]
+        assert field["type"] == "string" and field["minLength"] == 1
+        assert not re.search(field["pattern"], "   ") and not re.search(field["pattern"], "\t")
+        assert not re.search(field["pattern"], "a\u0000b") and re.search(field["pattern"], " op-1")
+    history = _query(schema, "/api/tokens/history")
+    assert history["operationType"]["minLength"] == 1
+    for name in ("from", "to"):  # an empty from= was schema-valid (any string), and refused
+        assert {s["format"] for s in history[name]["anyOf"]} == {"date", "date-time"}
+
+
+def test_the_month_and_the_analytics_dates_have_their_ranges(schema):
+    month = _query(schema, "/api/tokens/reports/monthly")["month"]["pattern"]
+    assert all(re.search(month, m) for m in ("0001-01", "2026-12", "9999-12"))
+    assert not any(re.search(month, m) for m in ("0000-01", "2026-13", "2026-1", "10000-01"))
+    day = _query(schema, "/api/tokens/analytics/daily")["from"]
+    assert day["format"] == "date" and re.search(day["pattern"], "1970-01-01") and re.search(day["pattern"], "9998-12-31")
+    assert not re.search(day["pattern"], "1969-12-31") and not re.search(day["pattern"], "9999-01-01")
+
+
+def test_batches_are_not_empty_and_booleans_are_booleans(schema):
+    assert _body(schema, "/api/tokens/consume/batch")["operations"]["minItems"] == 1
+    assert _body(schema, "/api/tokens/check")["reserve"]["type"] == "boolean"
