@@ -8,7 +8,8 @@ class BillingConfig(AppConfig):
     def ready(self) -> None:
         from metering.periods import register_period_bounds
 
-        from . import metrics, webhooks  # noqa: F401  (webhooks connects the dj-stripe signal receivers)
+        from . import checks, metrics, webhooks  # noqa: F401  (checks registers the system checks, webhooks
+        # connects the dj-stripe signal receivers)
         from .services import subscription_period_bounds
 
         # A lazily opened period of a subscribed account follows its Stripe subscription;

@@ -17,6 +17,7 @@ import stripe
 from django.conf import settings
 
 from consensus_tokens.errors import ApplicationError
+from consensus_tokens.logging import redact_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,12 @@ def _call(what: str, func: Any, *args: Any, **kwargs: Any) -> Any:
         return func(*args, **_options(), **kwargs)
     except stripe.StripeError as exc:
         missing = getattr(exc, "code", "") == "resource_missing"
-        logger.log(logging.INFO if missing else logging.WARNING, "stripe %s failed: %s", what, exc)
-        raise StripeError(f"Stripe refused {what}: {exc.user_message or exc}",
+        # Stripe's messages may quote the key ("Invalid API Key provided: sk_test_…"): redact them
+        # here, as this text also reaches API answers and admin; the log filter redacts the rest.
+        detail = redact_secrets(str(exc.user_message or exc))
+        logger.log(logging.INFO if missing else logging.WARNING, "stripe %s failed: %s", what, redact_secrets(str(exc)),
+                   extra={"http_status": getattr(exc, "http_status", None), "stripe_code": getattr(exc, "code", None)})
+        raise StripeError(f"Stripe refused {what}: {detail}",
                           extra={"stripeCode": getattr(exc, "code", None) or ""}) from exc
 
 

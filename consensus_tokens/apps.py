@@ -7,3 +7,6 @@ class OpsConfig(AppConfig):
     name = "consensus_tokens"
     label = "consensus_tokens"
     verbose_name = "Consensus Tokens operations"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)

@@ -1,9 +1,15 @@
 """Structured logs: a JSON formatter for production, the request id on every line,
-and one line per request.
+one line per request, and no secret in any line.
 
 RequestIdMiddleware (consensus_tokens/middleware.py) puts the request id in
 `request_id_var`; `RequestIdFilter` copies it onto every log record made while
 the request runs, so a query's warning and the request's own line share it.
+
+`SecretRedactingFilter` rewrites every record before it is written: anything shaped
+like a Stripe secret (`sk_…`, `rk_…`, `whsec_…`) and the configured secrets themselves
+(a malformed key has no recognisable shape) become `[redacted]`, in the message, the
+traceback and the `extra=` fields. Error reports go only to this log: no handler sends
+e-mail, so no request ever waits on an SMTP server (settings LOGGING).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import contextvars
 import datetime as dt
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -28,6 +35,50 @@ class RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not getattr(record, "request_id", ""):
             record.request_id = request_id_var.get()
+        return True
+
+
+# Stripe's secret and restricted keys and webhook signing secrets; also the masked form
+# Stripe echoes back ("Invalid API Key provided: sk_test_****1234").
+_SECRET_SHAPES = re.compile(r"\b((?:sk|rk)_(?:test|live)_|whsec_)[A-Za-z0-9_*]+")
+# Settings whose values are secrets, redacted wherever they appear, whatever their form.
+SECRET_SETTINGS = ("STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET", "SECRET_KEY", "METRICS_TOKEN")
+_MIN_SECRET_LENGTH = 6  # a shorter value would redact ordinary words
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with every secret replaced by `[redacted]` (the key's kind prefix is kept)."""
+    from django.conf import settings
+
+    if settings.configured:
+        for name in SECRET_SETTINGS:
+            value = str(getattr(settings, name, "") or "").strip()
+            if len(value) >= _MIN_SECRET_LENGTH and value in text:
+                text = text.replace(value, "[redacted]")
+    return _SECRET_SHAPES.sub(r"\1[redacted]", text)
+
+
+class SecretRedactingFilter(logging.Filter):
+    """Never a secret in the logs: the message is formatted and redacted here (so a
+    secret passed as an argument is caught too), and so are the traceback and extras."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: logging reports it when it emits
+            return True
+        redacted = redact_secrets(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self._formatter.formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_secrets(record.exc_text)
+        for key, value in list(record.__dict__.items()):
+            if key not in _RESERVED and isinstance(value, str) and not key.startswith("_"):
+                record.__dict__[key] = redact_secrets(value)
         return True
 
 
@@ -49,8 +100,9 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value
-        if record.exc_info:
-            entry["exc_info"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            # exc_text, when set, is the traceback SecretRedactingFilter already redacted.
+            entry["exc_info"] = record.exc_text or self.formatException(record.exc_info)
         if record.stack_info:
             entry["stack_info"] = self.formatStack(record.stack_info)
         return json.dumps(entry, default=str, ensure_ascii=False)

@@ -123,10 +123,14 @@ def _registry() -> CollectorRegistry:
 def metrics_view(request):
     """GET /metrics in Prometheus' text format. With METRICS_TOKEN set, only for
     `Authorization: Bearer <token>` (the endpoint is also meant to stay off the
-    public load balancer)."""
+    public load balancer); without one, only where METRICS_PUBLIC says so (not
+    production's default), else 403."""
     token = settings.METRICS_TOKEN
     if token:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
             return JsonResponse(error_body("not_authenticated", "A metrics token is required."), status=401)
+    elif not settings.METRICS_PUBLIC:
+        return JsonResponse(error_body("permission_denied", "Metrics are not served without a token here."),
+                            status=403)
     return HttpResponse(generate_latest(_registry()), content_type=CONTENT_TYPE_LATEST)

@@ -131,6 +131,9 @@ TRUSTED_PROXY_COUNT = int(_trusted_proxy_count) if _trusted_proxy_count else Non
 RATELIMIT_IP_META_KEY = "consensus_tokens.client_ip.client_ip"
 # Prometheus endpoint (/metrics): when set, scrapes must send `Authorization: Bearer <token>`.
 METRICS_TOKEN = env("METRICS_TOKEN", default="")
+# Without a token, metrics are served only if this is true: the default here (development,
+# tests); production defaults to false, and `check --deploy` then asks for one or the other.
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=True)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
@@ -251,15 +254,22 @@ DJSTRIPE_USE_NATIVE_JSONFIELD = True
 # Days after a failed payment before the account is held to its included tokens.
 BILLING_GRACE_PERIOD_DAYS = env.int("BILLING_GRACE_PERIOD_DAYS", default=3)
 
+# Error reports (5xx, django.security.DisallowedHost, ...) go to this log only. Django's default
+# config also mails them to ADMINS from inside the request (its `mail_admins` handler on the
+# "django" logger): an SMTP server that hangs would hold every failing request, so the "django"
+# logger is given no handler of its own here and its records reach the root's console handler.
+# Staff reports sent by jobs (reconcile, anomalies) call mail_admins() directly and still go.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"request_id": {"()": "consensus_tokens.logging.RequestIdFilter"}},
+    "filters": {"request_id": {"()": "consensus_tokens.logging.RequestIdFilter"},
+                "redact_secrets": {"()": "consensus_tokens.logging.SecretRedactingFilter"}},
     "formatters": {
         "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
         "json": {"()": "consensus_tokens.logging.JsonFormatter"},
     },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": env("LOG_FORMAT", default="plain"),
-                             "filters": ["request_id"]}},
+                             "filters": ["request_id", "redact_secrets"]}},
+    "loggers": {"django": {"handlers": [], "level": "INFO", "propagate": True}},
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
 }

@@ -25,6 +25,9 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=True)
 # Health checks and Prometheus scrapes come over plain HTTP from inside the network.
 SECURE_REDIRECT_EXEMPT = [r"^health/", r"^metrics$"]
+# /metrics needs METRICS_TOKEN unless made public on purpose (METRICS_PUBLIC=true); with
+# neither, it refuses and `check --deploy` fails (consensus_tokens/checks.py).
+METRICS_PUBLIC = env.bool("METRICS_PUBLIC", default=False)
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = True
 SECURE_HSTS_PRELOAD = True

@@ -200,7 +200,12 @@ class FakeStripe:
     def _answer(self, method: str, path: str, params: dict[str, Any], authorization: str
                 ) -> tuple[int, dict[str, Any]]:
         if authorization != f"Bearer {self.secret_key}":
-            return 401, StripeHTTPError(401, "Invalid API Key provided.", type_="invalid_request_error").body()
+            # Stripe quotes the key it was given, all but its kind and last four characters masked.
+            given = authorization.removeprefix("Bearer ")
+            kind, _, rest = given.rpartition("_")
+            masked = f"{kind}_{'*' * max(len(rest) - 4, 0)}{rest[-4:]}" if kind else given
+            return 401, StripeHTTPError(401, f"Invalid API Key provided: {masked}",
+                                        type_="invalid_request_error").body()
         for i, (m, pattern, status) in enumerate(self.fail_next):
             if m == method and re.fullmatch(pattern, path):
                 del self.fail_next[i]

@@ -123,7 +123,8 @@ def test_metering_carries_on_when_redis_stops(make_user, service_key):
     load = Load()
     with run_redis() as (port, redis_process):
         redis_url = f"redis://127.0.0.1:{port}/0"
-        with run_gunicorn(workers=2, threads=6, env=production_env(REDIS_URL=redis_url)) as server:
+        with run_gunicorn(workers=2, threads=6, env=production_env(REDIS_URL=redis_url,
+                                                                   METRICS_TOKEN="fault-scrape")) as server:
             headers = {"Authorization": f"Api-Key {service_key}", **HTTPS}
             estimate = {"userId": users[0].pk, "operationType": "summary", "topic": "redis goes away " * 50}
             assert requests.post(server.url + "/api/tokens/estimate", json=estimate, headers=headers).status_code == 200
@@ -140,13 +141,13 @@ def test_metering_carries_on_when_redis_stops(make_user, service_key):
             after = requests.post(server.url + "/api/tokens/estimate", json=estimate, headers=headers)
             usage = requests.get(server.url + f"/api/tokens/usage?userId={users[0].pk}", headers=headers)
             ready = requests.get(server.url + "/health/ready")  # plain HTTP: exempt from the HTTPS redirect
-            metrics = requests.get(server.url + "/metrics").text
+            metrics = requests.get(server.url + "/metrics", headers={"Authorization": "Bearer fault-scrape"}).text
             log = server.log()
     assert not [t for t in load.transient if t[0] >= 500], load.transient[:3]  # no 5xx at all: it failed open
     assert_each_operation_recorded_once(load, users, prefix="redis")
     assert after.status_code == 200 and after.json()["cached"] is False  # the estimate cache is bypassed
     assert usage.status_code == 200 and "X-RateLimit-Limit" not in usage.headers  # limits fail open
-    assert ready.status_code == 503 and ready.json()["checks"]["redis"]["status"] == "error"
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"] == "failing"
     errors = [line for line in metrics.splitlines() if line.startswith("ct_ratelimit_backend_errors_total")]
     assert errors and float(errors[0].split()[-1]) > 0
     assert "rate limit store unreachable" in log
@@ -174,7 +175,7 @@ def test_postgres_restart_answers_503_then_resumes_with_nothing_lost_or_doubled(
     assert unavailable, "clients saw the outage"
     assert all(body["error"]["code"] == "service_unavailable" and body["error"]["message"] for body in unavailable)
     assert not [t for t in load.transient if t[0] not in (0, 503)], load.transient[:5]
-    assert down_ready[0].status_code == 503 and down_ready[0].json()["checks"]["database"]["status"] == "error"
+    assert down_ready[0].status_code == 503 and down_ready[0].json()["checks"]["database"] == "failing"
     assert ready.status_code == 200
 
     statuses = Counter(status for status, _ in load.results.values())

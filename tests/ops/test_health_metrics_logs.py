@@ -54,8 +54,7 @@ def test_ready_checks_database_redis_and_broker(settings):
         assert ok.status_code == 200, ok.content
         body = ok.json()
         assert body["status"] == "ok"
-        assert {name: check["status"] for name, check in body["checks"].items()} == {
-            "database": "ok", "redis": "ok", "broker": "ok"}
+        assert body["checks"] == {"database": "ok", "redis": "ok", "broker": "ok"}
 
         process.kill()
         process.wait(timeout=5)
@@ -63,14 +62,30 @@ def test_ready_checks_database_redis_and_broker(settings):
     assert down.status_code == 503
     body = down.json()
     assert body["error"]["code"] == "not_ready" and "redis" in body["error"]["message"]
-    assert body["checks"]["database"]["status"] == "ok"
-    assert body["checks"]["redis"]["status"] == "error" and body["checks"]["broker"]["status"] == "error"
+    assert body["checks"] == {"database": "ok", "redis": "failing", "broker": "failing"}
+    assert str(port) not in down.content.decode()
 
 
 def test_ready_says_so_when_tasks_run_in_process(settings):
     settings.CELERY_TASK_ALWAYS_EAGER = True
     body = Client().get("/health/ready").json()
-    assert body["checks"]["broker"]["detail"].startswith("not used")
+    assert body["checks"]["broker"].startswith("not used")
+
+
+def test_ready_names_the_failing_check_only_and_logs_the_detail(settings, caplog):
+    port = free_port()  # nothing listens there
+    settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
+    settings.CELERY_TASK_ALWAYS_EAGER = True
+    with caplog.at_level(logging.WARNING, logger="consensus_tokens.health"):
+        down = Client().get("/health/ready")
+    assert down.status_code == 503
+    body = down.json()
+    assert body == {"error": {"code": "not_ready", "message": "Not ready: redis failing."}, "status": "unavailable",
+                    "checks": {"database": "ok", "redis": "failing", "broker": "not used (tasks run in-process)"}}
+    text = down.content.decode()
+    assert str(port) not in text and "127.0.0.1" not in text and "Error" not in text
+    [record] = [r for r in caplog.records if r.name == "consensus_tokens.health"]
+    assert "readiness check redis failed" in record.getMessage() and str(port) in record.getMessage()
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -134,6 +149,16 @@ def test_metrics_token_when_configured(settings):
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "not_authenticated"
     assert Client().get("/metrics", HTTP_AUTHORIZATION="Bearer wrong").status_code == 401
     scrape(HTTP_AUTHORIZATION="Bearer s3cret-scrape")
+
+
+def test_metrics_refused_without_a_token_unless_public_on_purpose(settings):
+    settings.METRICS_TOKEN = ""
+    settings.METRICS_PUBLIC = False  # production's default
+    refused = Client().get("/metrics")
+    assert refused.status_code == 403 and refused["Content-Type"] == "application/json"
+    assert refused.json()["error"]["code"] == "permission_denied" and "ct_" not in refused.content.decode()
+    settings.METRICS_PUBLIC = True
+    scrape()
 
 
 # --- logs ------------------------------------------------------------------------------------------

@@ -196,7 +196,7 @@ def _production(*args: str, drop: tuple[str, ...] = (), **extra: str) -> subproc
     env.update({"DJANGO_SETTINGS_MODULE": "consensus_tokens.settings.production",
                 "SECRET_KEY": secrets.token_urlsafe(50), "ALLOWED_HOSTS": "tokens.example.com",
                 "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres", "REDIS_URL": "redis://127.0.0.1:6379/7",
-                "STRIPE_SECRET_KEY": "sk_test_from_environment", **extra})
+                "STRIPE_SECRET_KEY": "sk_test_from_environment", "METRICS_TOKEN": secrets.token_urlsafe(20), **extra})
     for name in drop:
         env.pop(name, None)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
