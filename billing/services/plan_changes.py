@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -77,7 +78,7 @@ class PlanChangePreview:
         interval = "monthly" if self.interval == "month" else "yearly"
 
         def named(tier: Tier | None, price: TierPrice | None) -> str:
-            amount = f" (${price.unit_amount_cents / 100:,.2f})" if price is not None else ""
+            amount = f" (${Decimal(price.unit_amount_cents) / 100:,.2f})" if price is not None else ""
             return f"{tier.name if tier else 'an unknown price'} {interval}{amount}"
 
         text = (f"Stripe subscription {self.subscription_id} moves from {named(self.from_tier, self.from_price)} "
