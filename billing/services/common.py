@@ -75,11 +75,13 @@ def billing_period_at(*, start: datetime, end: datetime, interval: str, now: dat
     return start, end
 
 
-def usage_month(*, start: datetime, end: datetime, now: datetime) -> tuple[datetime, datetime]:
+def usage_month(*, start: datetime, end: datetime, interval: str, now: datetime) -> tuple[datetime, datetime]:
     """The usage period containing `now` in the billing period [start, end): allowances are
     monthly whatever the billing interval, so a yearly period is cut into months anchored on
-    its start (the last one ends with it); a monthly billing period is one usage period.
-    Before `start`, the first month."""
+    its start (the last one ends with it); a monthly billing period is one usage period, however
+    long Stripe made it. Before `start`, the first month."""
+    if interval != "year":
+        return start, end
     k = 0
     while add_months(start, k + 1) <= now and add_months(start, k + 1) < end:
         k += 1

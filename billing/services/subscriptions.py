@@ -189,7 +189,8 @@ def _follow(*, billing: BillingAccount, account: Account, state: SubscriptionSta
     account.save(update_fields=["tier", "status", "can_pay"])
     # Allowances are monthly whatever the interval: the usage period is the month of
     # Stripe's (monthly or yearly) billing period in which we are.
-    month_start, month_end = usage_month(start=state.period_start, end=state.period_end, now=now)
+    month_start, month_end = usage_month(start=state.period_start, end=state.period_end, interval=state.interval,
+                                         now=now)
     period = period_align(account=account, starts_at=month_start, ends_at=month_end)
     SubscriptionPeriod.objects.get_or_create(period=period, defaults={
         "billing_account": billing, "stripe_subscription_id": state.id})
@@ -257,13 +258,14 @@ def subscription_period_bounds(account: Any, now: datetime) -> tuple[datetime, d
         return None
     if billing.paid_through is not None:
         if now < billing.paid_through:
-            return usage_month(start=billing.current_period_start, end=billing.paid_through, now=now)
+            return usage_month(start=billing.current_period_start, end=billing.paid_through, interval=billing.interval,
+                               now=now)
         # After the paid end: calendar months, the first one starting at the paid end.
         _, month_end = calendar_month(billing.paid_through)
         return (billing.paid_through, month_end) if now < month_end else None
     start, end = billing_period_at(start=billing.current_period_start, end=billing.current_period_end,
                                    interval=billing.interval, now=now)
-    return usage_month(start=start, end=end, now=now)
+    return usage_month(start=start, end=end, interval=billing.interval, now=now)
 
 
 def customer_can_pay(billing: BillingAccount) -> bool:

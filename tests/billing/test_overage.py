@@ -2,7 +2,7 @@
 and our commit, early billing past a threshold."""
 from __future__ import annotations
 
-from datetime import datetime, timezone as dt_timezone
+from datetime import datetime, timedelta, timezone as dt_timezone
 from decimal import Decimal
 
 import psycopg
@@ -13,6 +13,7 @@ from consensus_tokens.errors import ApplicationError
 
 from billing.models import OverageInvoice
 from billing.services import add_months, overage_cents
+from billing.services.common import usage_month
 from billing.tasks import overage_bill_ended_periods_task, overage_bill_thresholds_task, overage_invoice_period_task
 from metering.models import Tier, UsagePeriod
 
@@ -35,6 +36,23 @@ def test_add_months_clamps_to_the_end_of_the_month():
     assert add_months(datetime(2028, 1, 31, tzinfo=utc), 1) == datetime(2028, 2, 29, tzinfo=utc)
     assert add_months(datetime(2026, 11, 15, tzinfo=utc), 2) == datetime(2027, 1, 15, tzinfo=utc)
     assert add_months(datetime(2026, 3, 1, tzinfo=utc), 12) == datetime(2027, 3, 1, tzinfo=utc)
+
+
+def test_a_yearly_billing_period_is_cut_into_months_a_monthly_one_never_is():
+    utc = dt_timezone.utc
+    start = datetime(2028, 1, 31, 9, tzinfo=utc)
+    year_end = datetime(2029, 1, 31, 9, tzinfo=utc)
+    assert usage_month(start=start, end=year_end, interval="year", now=datetime(2028, 2, 29, 8, tzinfo=utc)) == (
+        start, datetime(2028, 2, 29, 9, tzinfo=utc))
+    assert usage_month(start=start, end=year_end, interval="year", now=datetime(2028, 3, 31, 9, tzinfo=utc)) == (
+        datetime(2028, 3, 31, 9, tzinfo=utc), datetime(2028, 4, 30, 9, tzinfo=utc))
+    assert usage_month(start=start, end=year_end, interval="year", now=datetime(2029, 1, 30, tzinfo=utc)) == (
+        datetime(2028, 12, 31, 9, tzinfo=utc), year_end)
+    # a monthly period is one usage period whatever its length (here 30 days from Feb 29, past Mar 29)
+    feb29 = datetime(2028, 2, 29, 23, 59, tzinfo=utc)
+    thirty_days = feb29 + timedelta(days=30)
+    assert usage_month(start=feb29, end=thirty_days, interval="month", now=feb29 + timedelta(days=29, hours=1)) == (
+        feb29, thirty_days)
 
 
 def _kill_backend_on_invoice_item(fake, pid, dsn):
