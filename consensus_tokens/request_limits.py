@@ -17,6 +17,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from consensus_tokens.errors import error_body, payload_too_large_body
 
 MAX_URL_BYTES = 4096
+# Where a URL past the limit answers 414: the JSON endpoints. Pages (the dashboard, admin)
+# ignore query parameters they cannot use, so an odd link still opens them.
+JSON_PATH_PREFIXES = ("/api/", "/health/", "/metrics")
 
 
 class RequestLimitsMiddleware:
@@ -24,7 +27,7 @@ class RequestLimitsMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
-        if len(request.get_full_path()) > MAX_URL_BYTES:
+        if request.path.startswith(JSON_PATH_PREFIXES) and len(request.get_full_path()) > MAX_URL_BYTES:
             return JsonResponse(error_body("uri_too_long", f"The URL is longer than {MAX_URL_BYTES} bytes."),
                                 status=414)
         limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE

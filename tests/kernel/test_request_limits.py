@@ -43,7 +43,7 @@ def test_a_body_too_big_read_without_a_content_length_is_a_413_too():
     assert response.status_code == 413 and response.data["error"]["code"] == "payload_too_large"
 
 
-@pytest.mark.parametrize("path", ["/api/tokens/history", "/api/tokens/usage", "/health/live", "/dashboard/"])
+@pytest.mark.parametrize("path", ["/api/tokens/history", "/api/tokens/usage", "/health/live"])
 def test_a_url_past_the_limit_is_a_json_414(api, make_user, path):
     cursor = "c" * 5000  # the attack's 5 kB cursor
     error = _error(api.get(f"{path}?userId={make_user().pk}&cursor={cursor}"), 414, "uri_too_long")
