@@ -21,14 +21,15 @@ source .venv/bin/activate
 _ct_extras=""
 [ "${1:-}" = "test" ] && _ct_extras="[test]"
 _ct_stamp=".venv/.installed${_ct_extras}"
-_ct_want="$(python -c 'import hashlib,sys; print(hashlib.sha256(open("pyproject.toml","rb").read()).hexdigest())')"
+# (the Python client, clients/python, is installed beside it: its tests and bench/ use it)
+_ct_want="$(python -c 'import hashlib; print(hashlib.sha256(b"".join(open(p, "rb").read() for p in ("pyproject.toml", "clients/python/pyproject.toml"))).hexdigest())')"
 # An up-to-date test install holds the plain one too (run.sh after test.sh installs nothing).
 if [ "$(cat "$_ct_stamp" 2>/dev/null)" != "$_ct_want" ] &&
    { [ -n "$_ct_extras" ] || [ "$(cat ".venv/.installed[test]" 2>/dev/null)" != "$_ct_want" ]; }; then
-  echo "setup: pip install -e .${_ct_extras}"
+  echo "setup: pip install -e .${_ct_extras} -e ./clients/python"
   _ct_t0=$SECONDS
   # (the filter drops this machine's notes about local package mirrors it does not have)
-  python -m pip install -q -e ".${_ct_extras}" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+  python -m pip install -q -e ".${_ct_extras}" -e ./clients/python 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
   echo "$_ct_want" >"$_ct_stamp"
   echo "setup: installed in $((SECONDS - _ct_t0)) s"
 fi
