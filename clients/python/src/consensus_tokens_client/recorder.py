@@ -181,7 +181,7 @@ class BatchRecorder:
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
             try:
-                self._send(batch)
+                self._send(list(batch))  # _send takes refused items out of its list
             finally:
                 with self._cond:
                     self._tally.answered += len(batch)
@@ -303,7 +303,7 @@ class AsyncBatchRecorder:
     async def _run(self) -> None:
         while (batch := await self._next_batch()) is not None:
             try:
-                await self._send(batch)
+                await self._send(list(batch))
             finally:
                 async with self._cond:
                     self._tally.answered += len(batch)
