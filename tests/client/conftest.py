@@ -32,3 +32,7 @@ def proxy(server):
 def client(server, service_key):
     with Client(server.url, service_key, timeout=10, retry=FAST_RETRIES) as live_client:
         yield live_client
+
+
+# a throwaway PostgreSQL the outage test stops and starts (the shared one is never touched)
+from tests.ops.conftest import postgres_cluster  # noqa: E402,F401

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -41,7 +42,9 @@ def test_pip_install_in_a_fresh_virtualenv_and_the_quickstart_runs(tmp_path, ser
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(PACKAGE)], env=env,
+    source = tmp_path / "python"  # a copy: pip builds in the folder it is given, and the checkout stays clean
+    shutil.copytree(PACKAGE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(source)], env=env,
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stdout + install.stderr
     script = tmp_path / "quickstart.py"

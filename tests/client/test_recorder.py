@@ -45,7 +45,8 @@ def test_eight_threads_record_twenty_thousand_consumes_exactly(client, make_user
             t.start()
         for t in threads:
             t.join()
-    # leaving the block flushed: every future has its answer
+        recorder.flush(timeout=120)  # everything added so far has its answer, before any close
+        assert all(f.done() for f in futures)
 
     assert len(futures) == 20_000 and all(f.done() for f in futures)
     assert recorder.recorded == 20_000 and recorder.replayed == 0 and not recorder.failures

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import httpx
 
 from . import protocol
-from .client import HOLD_GONE, client_settings, consume_item, logger
-from .errors import ConsensusTokensError, OperationClosed
+from .client import OperationState, client_settings, consume_item, logger
+from .errors import ConsensusTokensError
 from .models import (BatchResult, Check, ConsumeItem, Consumption, DailyUsage, Estimate, HistoryEntry,
                      MonthlyReport, Release, Reservation, Usage)
 from .retry import RetryPolicy
@@ -128,27 +128,15 @@ class AsyncClient:
         await self.aclose()
 
 
-class AsyncOperation:
+class AsyncOperation(OperationState):
     """Operation for `async with`: the estimate held on entry, settled once, else released."""
 
-    def __init__(self, client: AsyncClient, *, user_id: int, operation_type: str, estimate: int, provider: str = "",
-                 model: str = "", operation_id: str | None = None, ttl_seconds: int | None = None) -> None:
+    def __init__(self, client: AsyncClient, **fields: Any) -> None:
+        super().__init__(**fields)
         self._client = client
-        self.user_id = user_id
-        self.operation_type = operation_type
-        self.estimate = estimate
-        self.provider = provider
-        self.model = model
-        self.operation_id = operation_id or protocol.new_operation_id()
-        self.ttl_seconds = ttl_seconds
-        self.reservation: Reservation | None = None
-        self.consumption: Consumption | None = None
-        self.released: Release | None = None
 
     async def __aenter__(self) -> AsyncOperation:
-        self.reservation = await self._client.reserve(
-            user_id=self.user_id, tokens=self.estimate, operation_type=self.operation_type,
-            operation_id=self.operation_id, ttl_seconds=self.ttl_seconds)
+        self.reservation = await self._client.reserve(**self._reserve_args())
         return self
 
     async def settle(self, actual_tokens: int) -> Consumption | None:
@@ -156,10 +144,7 @@ class AsyncOperation:
         if actual_tokens == 0:
             await self.release()
             return None
-        self.consumption = await self._client.consume(
-            user_id=self.user_id, tokens=actual_tokens, operation_type=self.operation_type,
-            operation_id=self.operation_id, provider=self.provider, model=self.model,
-            reservation_id=reservation.reservation_id, estimated_tokens=self.estimate)
+        self.consumption = await self._client.consume(**self._settle_args(reservation, actual_tokens))
         return self.consumption
 
     async def release(self) -> Release:
@@ -167,23 +152,9 @@ class AsyncOperation:
         self.released = await self._client.release(user_id=self.user_id, reservation_id=reservation.reservation_id)
         return self.released
 
-    def _open(self) -> Reservation:
-        if self.reservation is None:
-            raise OperationClosed("The operation is not entered: use it as `async with client.operation(...) as op`.")
-        if self.consumption is not None or self.released is not None:
-            raise OperationClosed(f"Operation {self.operation_id} is already "
-                                  f"{'settled' if self.consumption is not None else 'released'}.")
-        return self.reservation
-
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if self.reservation is None or self.consumption is not None or self.released is not None:
-            return
-        try:
-            await self.release()
-        except HOLD_GONE:
-            pass
-        except ConsensusTokensError:
-            if exc_type is None:
-                raise
-            logger.warning("could not release the hold of operation %s; it expires at %s", self.operation_id,
-                           self.reservation.expires_at, exc_info=True)
+        if self._still_held():
+            try:
+                await self.release()
+            except ConsensusTokensError as error:
+                self._release_failed(error, exc_type)

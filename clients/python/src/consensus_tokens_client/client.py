@@ -163,21 +163,11 @@ class Client:
         self.close()
 
 
-class Operation:
-    """One metered operation: the estimate held on entry, the actual tokens settled once.
+class OperationState:
+    """What Operation and AsyncOperation share: the operation's fields, and which step is allowed."""
 
-        with client.operation(user_id=42, operation_type="consensus", estimate=est.tokens) as op:
-            answer = call_the_model(...)
-            op.settle(actual_tokens)
-
-    Entering reserves the estimate (TokenCapExceeded before the block runs if it does not fit).
-    settle() consumes against the hold, under the operation id, exactly once; settle(0) releases
-    it. An exception in the block, or leaving it without settle(), releases the hold.
-    """
-
-    def __init__(self, client: Client, *, user_id: int, operation_type: str, estimate: int, provider: str = "",
-                 model: str = "", operation_id: str | None = None, ttl_seconds: int | None = None) -> None:
-        self._client = client
+    def __init__(self, *, user_id: int, operation_type: str, estimate: int, provider: str = "", model: str = "",
+                 operation_id: str | None = None, ttl_seconds: int | None = None) -> None:
         self.user_id = user_id
         self.operation_type = operation_type
         self.estimate = estimate
@@ -189,28 +179,14 @@ class Operation:
         self.consumption: Consumption | None = None
         self.released: Release | None = None
 
-    def __enter__(self) -> Operation:
-        self.reservation = self._client.reserve(user_id=self.user_id, tokens=self.estimate,
-                                                operation_type=self.operation_type, operation_id=self.operation_id,
-                                                ttl_seconds=self.ttl_seconds)
-        return self
+    def _reserve_args(self) -> dict[str, Any]:
+        return {"user_id": self.user_id, "tokens": self.estimate, "operation_type": self.operation_type,
+                "operation_id": self.operation_id, "ttl_seconds": self.ttl_seconds}
 
-    def settle(self, actual_tokens: int) -> Consumption | None:
-        """Record the tokens the operation really used (None when 0: the hold is released)."""
-        reservation = self._open()
-        if actual_tokens == 0:
-            self.release()
-            return None
-        self.consumption = self._client.consume(
-            user_id=self.user_id, tokens=actual_tokens, operation_type=self.operation_type,
-            operation_id=self.operation_id, provider=self.provider, model=self.model,
-            reservation_id=reservation.reservation_id, estimated_tokens=self.estimate)
-        return self.consumption
-
-    def release(self) -> Release:
-        reservation = self._open()
-        self.released = self._client.release(user_id=self.user_id, reservation_id=reservation.reservation_id)
-        return self.released
+    def _settle_args(self, reservation: Reservation, actual_tokens: int) -> dict[str, Any]:
+        return {"user_id": self.user_id, "tokens": actual_tokens, "operation_type": self.operation_type,
+                "operation_id": self.operation_id, "provider": self.provider, "model": self.model,
+                "reservation_id": reservation.reservation_id, "estimated_tokens": self.estimate}
 
     def _open(self) -> Reservation:
         if self.reservation is None:
@@ -220,16 +196,57 @@ class Operation:
                                   f"{'settled' if self.consumption is not None else 'released'}.")
         return self.reservation
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        if self.reservation is None or self.consumption is not None or self.released is not None:
-            return
-        try:
+    def _still_held(self) -> bool:
+        """Whether leaving the block must release the hold (entered, neither settled nor released)."""
+        return self.reservation is not None and self.consumption is None and self.released is None
+
+    def _release_failed(self, error: ConsensusTokensError, exc_type: type[BaseException] | None) -> None:
+        if isinstance(error, HOLD_GONE):
+            return  # settled by a settle whose answer was lost, or expired: nothing is held any more
+        if exc_type is None:
+            raise error
+        # the block's own error matters more; the hold frees itself at its expiry
+        logger.warning("could not release the hold of operation %s; it expires at %s", self.operation_id,
+                       self.reservation.expires_at if self.reservation else "?", exc_info=error)
+
+
+class Operation(OperationState):
+    """One metered operation: the estimate held on entry, the actual tokens settled once.
+
+        with client.operation(user_id=42, operation_type="consensus", estimate=est.tokens) as op:
+            answer = call_the_model(...)
+            op.settle(actual_tokens)
+
+    Entering reserves the estimate (TokenCapExceeded before the block runs if it does not fit).
+    settle() consumes against the hold, under the operation id, exactly once; settle(0) releases
+    it. An exception in the block, or leaving it without settle(), releases the hold.
+    """
+
+    def __init__(self, client: Client, **fields: Any) -> None:
+        super().__init__(**fields)
+        self._client = client
+
+    def __enter__(self) -> Operation:
+        self.reservation = self._client.reserve(**self._reserve_args())
+        return self
+
+    def settle(self, actual_tokens: int) -> Consumption | None:
+        """Record the tokens the operation really used (None when 0: the hold is released)."""
+        reservation = self._open()
+        if actual_tokens == 0:
             self.release()
-        except HOLD_GONE:
-            pass  # settled by a settle whose answer was lost, or expired: nothing is held any more
-        except ConsensusTokensError:
-            if exc_type is None:
-                raise
-            # the block's own error matters more; the hold frees itself at its expiry
-            logger.warning("could not release the hold of operation %s; it expires at %s", self.operation_id,
-                           self.reservation.expires_at, exc_info=True)
+            return None
+        self.consumption = self._client.consume(**self._settle_args(reservation, actual_tokens))
+        return self.consumption
+
+    def release(self) -> Release:
+        reservation = self._open()
+        self.released = self._client.release(user_id=self.user_id, reservation_id=reservation.reservation_id)
+        return self.released
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._still_held():
+            try:
+                self.release()
+            except ConsensusTokensError as error:
+                self._release_failed(error, exc_type)

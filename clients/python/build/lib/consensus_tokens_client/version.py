@@ -1,1 +1,0 @@
-__version__ = "0.1.0"  # keep equal to pyproject.toml's version (a test compares them)
