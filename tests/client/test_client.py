@@ -212,3 +212,17 @@ def test_the_ledger_reconciles_after_the_client_s_retries(proxy, service_key, ma
                            operation_id=f"rec-{uuid.uuid4().hex}")
     assert LedgerEntry.objects.filter(kind="consumption").count() == 9
     assert not reconcile(), reconcile().summary()
+
+
+def test_a_hold_and_its_release_whose_answers_are_lost_happen_once(proxy, service_key, make_user):
+    user = make_user("basic")
+    proxy.fault("/api/tokens/check", "lose_answer")  # the hold is placed; the client never hears of it
+    proxy.fault("/api/tokens/release", "lose_answer")
+    with Client(proxy.url, service_key, retry=FAST_RETRIES) as client:
+        with client.operation(user_id=user.pk, operation_type="summary", estimate=700) as op:
+            pass  # leaving without settle releases
+    assert proxy.seen["/api/tokens/check"] == 2 and proxy.seen["/api/tokens/release"] == 2
+    [hold] = Reservation.objects.filter(account__user=user)  # the retried reserve found the first hold
+    assert hold.pk == op.reservation.reservation_id and hold.status == "released"
+    assert op.released is not None and op.released.status == "released"
+    assert usage_get(user_id=user.pk).reserved == 0 and not reconcile()
