@@ -25,6 +25,9 @@ def _lint(tree: Path) -> subprocess.CompletedProcess:
 def tree_copy(tmp_path) -> Path:
     for name in PACKAGES:
         shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.sql.gz"))
+    # the Python client, first on the copy's path (ahead of the installed one)
+    shutil.copytree(ROOT / "clients" / "python" / "src" / "consensus_tokens_client", tmp_path / "consensus_tokens_client",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 
@@ -44,6 +47,9 @@ def test_the_tree_keeps_every_contract():
     ("metering/services/consume/orm.py", "from .postgres import consume_fast", "Consume: ORM and PostgreSQL paths"),
     ("metering/services/consume/postgres.py", "from .orm import consume_orm", "Consume: ORM and PostgreSQL paths"),
     ("metering/services/consume/contract.py", "from .dispatch import usage_consume", "Consume: ORM and PostgreSQL paths"),
+    ("consensus_tokens_client/models.py", "from django.utils import timezone", "The Python client imports nothing"),
+    ("consensus_tokens_client/client.py", "from metering.models import Account", "The Python client imports nothing"),
+    ("metering/services/usage.py", "from consensus_tokens_client import Client", "The project does not import its client"),
 ])
 def test_an_import_against_the_direction_is_caught(tree_copy, module, bad_import, broken):
     path = tree_copy / module
