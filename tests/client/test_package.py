@@ -117,3 +117,11 @@ def test_history_bounds_must_be_aware_and_dates_are_whole_days():
         hours=2))), operation_type=None, kind="consumption", page_size=10, cursor=None)
     assert call.params == {"userId": "1", "kind": "consumption", "pageSize": "10", "from": "2031-01-01",
                            "to": "2031-01-02T00:00:00+02:00"}
+
+
+def test_the_client_type_checks_strictly(tmp_path):
+    """The package ships py.typed: its own annotations must hold (mypy --strict, no Django stubs needed)."""
+    done = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"),
+                           str(PACKAGE / "src" / "consensus_tokens_client")], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
