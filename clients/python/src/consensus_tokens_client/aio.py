@@ -50,10 +50,10 @@ class AsyncClient:
 
     async def consume(self, *, user_id: int, tokens: int, operation_type: str, operation_id: str | None = None,
                       provider: str = "", model: str = "", reservation_id: uuid.UUID | str | None = None,
-                      estimated_tokens: int | None = None) -> Consumption:
+                      estimated_tokens: int | None = None, script_class: str | None = None) -> Consumption:
         item = consume_item(user_id=user_id, tokens=tokens, operation_type=operation_type, operation_id=operation_id,
                             provider=provider, model=model, reservation_id=reservation_id,
-                            estimated_tokens=estimated_tokens)
+                            estimated_tokens=estimated_tokens, script_class=script_class)
         return await self.send(protocol.consume(item=item))
 
     async def consume_batch(self, items: Sequence[ConsumeItem]) -> BatchResult:
@@ -87,8 +87,8 @@ class AsyncClient:
     async def report_monthly(self, *, user_id: int | None = None, month: str | date | None = None) -> MonthlyReport:
         return await self.send(protocol.report_monthly(user_id=user_id, month=month))
 
-    def operation(self, *, user_id: int, operation_type: str, estimate: int, provider: str = "", model: str = "",
-                  operation_id: str | None = None, ttl_seconds: int | None = None) -> AsyncOperation:
+    def operation(self, *, user_id: int, operation_type: str, estimate: int | Estimate, provider: str = "",
+                  model: str = "", operation_id: str | None = None, ttl_seconds: int | None = None) -> AsyncOperation:
         return AsyncOperation(self, user_id=user_id, operation_type=operation_type, estimate=estimate,
                               provider=provider, model=model, operation_id=operation_id, ttl_seconds=ttl_seconds)
 

@@ -41,10 +41,11 @@ def client_settings(base_url: str | None, api_key: str | None) -> tuple[str, dic
 
 
 def consume_item(*, user_id: int, tokens: int, operation_type: str, operation_id: str | None, provider: str,
-                 model: str, reservation_id: uuid.UUID | str | None, estimated_tokens: int | None) -> ConsumeItem:
+                 model: str, reservation_id: uuid.UUID | str | None, estimated_tokens: int | None,
+                 script_class: str | None = None) -> ConsumeItem:
     return ConsumeItem(user_id=user_id, tokens=tokens, operation_type=operation_type,
                        operation_id=operation_id or protocol.new_operation_id(), provider=provider, model=model,
-                       reservation_id=reservation_id, estimated_tokens=estimated_tokens)
+                       reservation_id=reservation_id, estimated_tokens=estimated_tokens, script_class=script_class)
 
 
 class Client:
@@ -81,10 +82,10 @@ class Client:
 
     def consume(self, *, user_id: int, tokens: int, operation_type: str, operation_id: str | None = None,
                 provider: str = "", model: str = "", reservation_id: uuid.UUID | str | None = None,
-                estimated_tokens: int | None = None) -> Consumption:
+                estimated_tokens: int | None = None, script_class: str | None = None) -> Consumption:
         item = consume_item(user_id=user_id, tokens=tokens, operation_type=operation_type, operation_id=operation_id,
                             provider=provider, model=model, reservation_id=reservation_id,
-                            estimated_tokens=estimated_tokens)
+                            estimated_tokens=estimated_tokens, script_class=script_class)
         return self.send(protocol.consume(item=item))
 
     def consume_batch(self, items: Sequence[ConsumeItem]) -> BatchResult:
@@ -118,9 +119,10 @@ class Client:
     def report_monthly(self, *, user_id: int | None = None, month: str | date | None = None) -> MonthlyReport:
         return self.send(protocol.report_monthly(user_id=user_id, month=month))
 
-    def operation(self, *, user_id: int, operation_type: str, estimate: int, provider: str = "", model: str = "",
-                  operation_id: str | None = None, ttl_seconds: int | None = None) -> Operation:
-        """`with client.operation(...) as op: ...; op.settle(actual)` (see Operation)."""
+    def operation(self, *, user_id: int, operation_type: str, estimate: int | Estimate, provider: str = "",
+                  model: str = "", operation_id: str | None = None, ttl_seconds: int | None = None) -> Operation:
+        """`with client.operation(...) as op: ...; op.settle(actual)` (see Operation). `estimate`: the
+        tokens to hold, or the Estimate itself (its tokens held, its script class sent with the settle)."""
         return Operation(self, user_id=user_id, operation_type=operation_type, estimate=estimate, provider=provider,
                          model=model, operation_id=operation_id, ttl_seconds=ttl_seconds)
 
@@ -166,11 +168,12 @@ class Client:
 class OperationState:
     """What Operation and AsyncOperation share: the operation's fields, and which step is allowed."""
 
-    def __init__(self, *, user_id: int, operation_type: str, estimate: int, provider: str = "", model: str = "",
-                 operation_id: str | None = None, ttl_seconds: int | None = None) -> None:
+    def __init__(self, *, user_id: int, operation_type: str, estimate: int | Estimate, provider: str = "",
+                 model: str = "", operation_id: str | None = None, ttl_seconds: int | None = None) -> None:
         self.user_id = user_id
         self.operation_type = operation_type
-        self.estimate = estimate
+        self.estimate = estimate.tokens if isinstance(estimate, Estimate) else estimate
+        self.script_class = estimate.script_class if isinstance(estimate, Estimate) else None
         self.provider = provider
         self.model = model
         self.operation_id = operation_id or protocol.new_operation_id()
@@ -186,7 +189,8 @@ class OperationState:
     def _settle_args(self, reservation: Reservation, actual_tokens: int) -> dict[str, Any]:
         return {"user_id": self.user_id, "tokens": actual_tokens, "operation_type": self.operation_type,
                 "operation_id": self.operation_id, "provider": self.provider, "model": self.model,
-                "reservation_id": reservation.reservation_id, "estimated_tokens": self.estimate}
+                "reservation_id": reservation.reservation_id, "estimated_tokens": self.estimate,
+                "script_class": self.script_class}
 
     def _open(self) -> Reservation:
         if self.reservation is None:

@@ -33,8 +33,13 @@ class Estimate:
     content_tokens: int
     provider: str
     encoding: str
-    method: str  # how the content was counted ("exact", "calibrated", ...)
+    method: str  # how the content was counted: "exact" (the provider's tokenizer) or "calibrated"
     cached: bool
+    # The content's script (latin, code, cyrillic, cjk, other) and how many settled operations the
+    # calibration used has learnt from; None from a server that does not say. Pass the estimate to
+    # operation() (or script_class= to consume) so the server's estimates learn from the settlement.
+    script_class: str | None
+    calibration_samples: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)  # the whole answer, fields this version does not know included
 
     @classmethod
@@ -43,7 +48,7 @@ class Estimate:
         return cls(tokens=body["tokens"], base_tokens=breakdown.get("base", 0),
                    content_tokens=breakdown.get("content", 0), provider=body["provider"],
                    encoding=body.get("encoding", ""), method=body.get("method", ""), cached=bool(body.get("cached")),
-                   raw=body)
+                   script_class=body.get("scriptClass"), calibration_samples=body.get("calibrationSamples"), raw=body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +149,7 @@ class ConsumeItem:
     model: str = ""
     reservation_id: uuid.UUID | str | None = None
     estimated_tokens: int | None = None
+    script_class: str | None = None  # the estimate's (Estimate.script_class)
 
     def to_api(self) -> dict[str, Any]:
         body: dict[str, Any] = {"userId": self.user_id, "operationId": self.operation_id, "tokens": self.tokens,
@@ -156,6 +162,8 @@ class ConsumeItem:
             body["reservationId"] = str(self.reservation_id)
         if self.estimated_tokens is not None:
             body["estimatedTokens"] = self.estimated_tokens
+        if self.script_class:
+            body["scriptClass"] = self.script_class
         return body
 
 

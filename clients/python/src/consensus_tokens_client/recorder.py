@@ -165,10 +165,10 @@ class BatchRecorder(_Figures):
 
     def add(self, *, user_id: int, tokens: int, operation_type: str, operation_id: str | None = None,
             provider: str = "", model: str = "", reservation_id: uuid.UUID | str | None = None,
-            estimated_tokens: int | None = None) -> Future[BatchItemResult]:
+            estimated_tokens: int | None = None, script_class: str | None = None) -> Future[BatchItemResult]:
         item = consume_item(user_id=user_id, tokens=tokens, operation_type=operation_type, operation_id=operation_id,
                             provider=provider, model=model, reservation_id=reservation_id,
-                            estimated_tokens=estimated_tokens)
+                            estimated_tokens=estimated_tokens, script_class=script_class)
         future: Future[BatchItemResult] = Future()
         with self._cond:
             self._cond.wait_for(self._queue.has_room)
@@ -256,10 +256,11 @@ class AsyncBatchRecorder(_Figures):
 
     async def add(self, *, user_id: int, tokens: int, operation_type: str, operation_id: str | None = None,
                   provider: str = "", model: str = "", reservation_id: uuid.UUID | str | None = None,
-                  estimated_tokens: int | None = None) -> asyncio.Future[BatchItemResult]:
+                  estimated_tokens: int | None = None,
+                  script_class: str | None = None) -> asyncio.Future[BatchItemResult]:
         item = consume_item(user_id=user_id, tokens=tokens, operation_type=operation_type, operation_id=operation_id,
                             provider=provider, model=model, reservation_id=reservation_id,
-                            estimated_tokens=estimated_tokens)
+                            estimated_tokens=estimated_tokens, script_class=script_class)
         future: asyncio.Future[BatchItemResult] = asyncio.get_running_loop().create_future()
         if not self._tasks:  # the tasks start with the first item: there is a running loop by then
             self._tasks = [asyncio.create_task(self._run(), name=f"consensus-tokens-recorder-{n}")
