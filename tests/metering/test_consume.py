@@ -140,7 +140,7 @@ def test_new_operation_types_and_providers_need_no_deploy(api, make_user, path):
     user = make_user()
     OperationType.objects.create(slug="translation", name="Translation", base_tokens=150)
     Provider.objects.create(slug="mistral", name="Mistral", counting="calibrated", default_encoding="o200k_base",
-                            chars_per_token="3.8", words_per_token="0.7")
+                            calibration_factor="1.1")
     consumed = api.post(CONSUME, consume_body(user, "t", 10, "translation", provider="mistral"), format="json")
     assert consumed.status_code == 201, consumed.content
     estimate = api.post("/api/tokens/estimate", {"userId": user.pk, "operationType": "translation",
