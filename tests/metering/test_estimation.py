@@ -18,7 +18,7 @@ import tiktoken
 from django.conf import settings
 
 from metering import estimation
-from metering.encodings import seed_cache
+from metering.encodings import seed_cache, tekken_path
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGLISH = ("The committee reviewed three independent analyses of the quarterly figures and found that, "
@@ -44,6 +44,13 @@ def reference_count(encoding: str, text: str) -> int:
     return len(tiktoken.get_encoding(encoding).encode_ordinary(text))
 
 
+def mistral_count(text: str, name: str = "tekken_240911") -> int:
+    """Mistral's own tokenizer class (mistral-common), from the file it ships."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    return len(Tekkenizer.from_file(str(tekken_path(name))).encode(text, bos=False, eos=False))
+
+
 def estimate_body(user, **overrides) -> dict:
     return {"userId": user.pk, "operationType": "summary", "provider": "openai", "topic": ENGLISH,
             "sources": [CYRILLIC, "short source"], **overrides}
@@ -66,6 +73,26 @@ def test_openai_counts_exactly_with_the_models_encoding(api, make_user, model, e
     assert result["tokens"] == 100 + expected
     assert (result["provider"], result["method"], result["cached"]) == ("openai", "exact", False)
     assert (result["scriptClass"], result["calibrationSamples"]) == ("cyrillic", 0)  # most of the letters
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["mistral-small-latest", "mistral-large-2411", None, "gpt-4o"])
+def test_mistral_counts_exactly_with_its_tekken_tokenizer(api, make_user, model):
+    """The encoding is built from the file mistral-common ships; Mistral's own class counts the same."""
+    user = make_user()
+    body = estimate_body(user, provider="mistral", topic=ENGLISH + CJK, sources=[CYRILLIC, "def f(x):\n    return x"],
+                         **({"model": model} if model else {}))
+    result = api.post("/api/tokens/estimate", body, format="json").json()
+    expected = mistral_count("\n".join([ENGLISH + CJK, CYRILLIC, "def f(x):\n    return x"]))
+    assert result["breakdown"] == {"base": 100, "content": expected}
+    assert (result["encoding"], result["method"], result["calibrationSamples"]) == ("tekken_240911", "exact", 0)
+
+
+@pytest.mark.parametrize("name", ["tekken_240911", "tekken_240718"])
+def test_both_shipped_tekken_tokenizers_count_as_mistral_does(name):
+    for text in (ENGLISH, CJK, CYRILLIC, "  spaces\t\ttabs\n\nand 12345 numbers 3.14159 ", "émoji 🙂 ok"):
+        assert len(estimation.get_encoding(name, settings.TIKTOKEN_CACHE_DIR).encode_ordinary(text)) == \
+            mistral_count(text, name)
 
 
 def test_the_two_encodings_really_differ_on_this_text():
@@ -185,7 +212,7 @@ def test_encodings_load_offline_from_an_empty_cache(tmp_path):
         socket.create_connection = offline
         socket.getaddrinfo = offline
         from metering.encodings import get_encoding
-        for name in ("o200k_base", "cl100k_base"):
+        for name in ("o200k_base", "cl100k_base", "tekken_240911"):
             print(name, len(get_encoding(name, {str(tmp_path)!r}).encode_ordinary({ENGLISH!r})))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
@@ -193,7 +220,8 @@ def test_encodings_load_offline_from_an_empty_cache(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     counts = dict(line.split() for line in done.stdout.splitlines())
-    assert counts == {name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")}
+    assert counts == {**{name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")},
+                      "tekken_240911": str(mistral_count(ENGLISH))}
     assert len(list(tmp_path.iterdir())) == 2
 
 
