@@ -14,6 +14,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
+from django.db.models import Max, Min
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
 
@@ -151,7 +152,10 @@ class CalibrationRun:
 
 
 def _cursor_locked() -> CalibrationCursor:
-    CalibrationCursor.objects.get_or_create(pk=1)
+    if not CalibrationCursor.objects.filter(pk=1).exists():
+        # Start just below the oldest row: the first run learns from the whole ledger.
+        oldest = LedgerEntry.objects.aggregate(m=Min("id"))["m"]
+        CalibrationCursor.objects.get_or_create(pk=1, defaults={"ledger_id": (oldest or 1) - 1})
     return CalibrationCursor.objects.select_for_update().get(pk=1)
 
 
@@ -162,9 +166,11 @@ def _learn_levels(provider: str, model: str, script: str) -> list[tuple[str, str
 
 
 def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | None = None) -> CalibrationRun:
-    """Learn from the next `batch_size` settled consumptions past the cursor that carry
-    an estimate, for calibrated providers. One transaction, cursor included: safe to run
-    twice (runs queue on the cursor's row lock) and after a crash.
+    """Learn from the settled consumptions among the next `batch_size` ledger ids past
+    the cursor that carry an estimate, for calibrated providers. A range of ids, not of
+    matching rows, so a ledger of OpenAI (exact) consumptions is read once, not rescanned
+    every run. One transaction, cursor included: safe to run twice (runs queue on the
+    cursor's row lock) and after a crash.
 
     Each sample's target is the factor its estimate was made with (the calibration
     `calibration_pick` gives as this run starts, or the provider's starting factor)
@@ -175,17 +181,14 @@ def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | No
     now = now or timezone.now()
     with transaction.atomic():
         cursor = _cursor_locked()
+        high = min(LedgerEntry.objects.aggregate(m=Max("id"))["m"] or 0, cursor.ledger_id + batch_size)
         priors = {slug: float(factor) for slug, factor in Provider.objects.filter(
             counting=Provider.Counting.CALIBRATED).values_list("slug", "calibration_factor")}
         rows = list(LedgerEntry.objects.filter(
-            kind=LedgerEntry.Kind.CONSUMPTION, id__gt=cursor.ledger_id, provider__in=list(priors),
+            kind=LedgerEntry.Kind.CONSUMPTION, id__gt=cursor.ledger_id, id__lte=high, provider__in=list(priors),
             estimated_tokens__gt=0, actual_tokens__gt=0,
         ).order_by("id").values_list("id", "provider", "model", "script_class", "estimated_tokens",
-                                     "actual_tokens")[:batch_size])
-        if not rows:
-            cursor.ran_at = now
-            cursor.save(update_fields=["ran_at"])
-            return CalibrationRun(cursor.ledger_id, 0, 0)
+                                     "actual_tokens"))
         stored = {(c.provider, c.model, c.script_class): c for c in
                   Calibration.objects.select_for_update().filter(provider__in={r[1] for r in rows})}
         as_started: dict[str, Calibrations] = {}
@@ -218,7 +221,7 @@ def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | No
                 calibration.version += 1
             calibration.full_clean()
             calibration.save()
-        cursor.ledger_id = rows[-1][0]
+        cursor.ledger_id = max(cursor.ledger_id, high)
         cursor.ran_at = now
         cursor.save(update_fields=["ledger_id", "ran_at"])
     return CalibrationRun(cursor.ledger_id, len(rows), len(changed))
@@ -233,6 +236,6 @@ def calibration_learn_run(*, batch_size: int | None = None, max_batches: int = 1
         run = calibration_learn_batch(batch_size=batch_size, now=now)
         samples += run.samples
         written += run.calibrations_written
-        if run.samples < (batch_size or settings.CALIBRATION_BATCH_SIZE):
+        if run.cursor >= (LedgerEntry.objects.aggregate(m=Max("id"))["m"] or 0):
             break
     return CalibrationRun(run.cursor, samples, written)

@@ -117,7 +117,7 @@ def test_the_job_calibrates_from_ledger_rows_and_estimates_change_at_once(api, m
                .values_list("script_class", flat=True)) == {"cjk"}
 
     assert calibration_learn_task.delay().get() == {
-        "cursor": LedgerEntry.objects.filter(operation_id="cjk-29").get().pk, "samples": 30, "calibrationsWritten": 2}
+        "cursor": LedgerEntry.objects.order_by("-id").first().pk, "samples": 30, "calibrationsWritten": 2}
     learnt = Calibration.objects.get(provider="anthropic", model="claude-sonnet-4", script_class="cjk")
     assert learnt.factor == Decimal("0.70000") * prior and learnt.samples == 30 and learnt.version == 1
     assert learnt.recent_error == Decimal("0.42857")  # |1000 - 700| / 700: the estimates that were made
@@ -163,12 +163,23 @@ def test_consumes_without_a_script_class_teach_the_any_script_calibration(api, m
                                                  reservationId=hold["reservationId"], scriptClass="latin"),
              format="json")
     assert LedgerEntry.objects.get(operation_id="held", kind="consumption").script_class == "latin"
-    calibration_learn_run(batch_size=5)  # in batches, each with its cursor
+    calibration_learn_run(batch_size=5)  # in batches of ids, each with its cursor
     assert dict(Calibration.objects.values_list("script_class", "samples")) == {"": 12, "latin": 1}
-    assert CalibrationCursor.objects.get().ledger_id == LedgerEntry.objects.get(operation_id="held", kind="consumption").pk
+    assert CalibrationCursor.objects.get().ledger_id == LedgerEntry.objects.order_by("-id").first().pk
     text = ENGLISH * 3
     # latin has 1 sample, below the minimum: the any-script calibration (12) applies
     assert estimate(api, user, text, model="")["calibrationSamples"] == 12
+
+
+@pytest.mark.django_db
+def test_the_cursor_passes_rows_that_teach_nothing(api, make_user):
+    """OpenAI (exact) consumptions are read once and passed, not looked at again every minute."""
+    user = make_user("enterprise")
+    settle(api, user, "exact", 7, estimated=100, actual=120, provider="openai", model="gpt-4o")
+    run = calibration_learn_run(batch_size=3)
+    assert (run.samples, run.calibrations_written) == (0, 0)
+    assert run.cursor == CalibrationCursor.objects.get().ledger_id == LedgerEntry.objects.order_by("-id").first().pk
+    assert not Calibration.objects.exists()
 
 
 @pytest.mark.django_db
