@@ -113,8 +113,9 @@ def test_the_job_calibrates_from_ledger_rows_and_estimates_change_at_once(api, m
     api.post("/api/tokens/consume", consume_body(user, "openai", 500, provider="openai", estimatedTokens=100,
                                                  scriptClass="cjk"), format="json")
     api.post("/api/tokens/consume", consume_body(user, "bare", 500, provider="anthropic"), format="json")
-    assert set(LedgerEntry.objects.filter(provider="anthropic", operation_id__startswith="cjk")
-               .values_list("script_class", flat=True)) == {"cjk"}
+    assert set(LedgerEntry.objects.filter(operation_id__startswith="cjk")
+               .values_list("script_class", flat=True)) == {"cjk"}  # the batch statement
+    assert LedgerEntry.objects.get(operation_id="openai").script_class == "cjk"  # the single one
 
     assert calibration_learn_task.delay().get() == {
         "cursor": LedgerEntry.objects.order_by("-id").first().pk, "samples": 30, "calibrationsWritten": 2}
@@ -190,6 +191,15 @@ def test_a_script_class_outside_the_list_is_refused(api, make_user):
         assert response.status_code == 400, (bad, response.content)
         assert "scriptClass" in response.content.decode()
     assert not LedgerEntry.objects.filter(operation_id="x").exists()
+
+
+@pytest.mark.django_db
+def test_the_script_class_is_not_part_of_the_replay_check(api, make_user):
+    user = make_user()
+    first = api.post("/api/tokens/consume", consume_body(user, "op", 10, scriptClass="cjk"), format="json")
+    again = api.post("/api/tokens/consume", consume_body(user, "op", 10, scriptClass="latin"), format="json")
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert LedgerEntry.objects.get(operation_id="op").script_class == "cjk"
 
 
 # --- what staff see ------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ WITH upd AS (
          estimated_tokens, actual_tokens, script_class, service_key_id, actor, reason, fingerprint, response,
          created_at)
     SELECT upd.account_id, upd.id, 'consumption', %(tokens)s, 0, %(operation_id)s, %(operation_type)s,
-           %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(script_class)s, %(service_key_id)s, '', '', %(fingerprint)s,
+           %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(script_class)s, %(service_key_id)s, '', '',
+           %(fingerprint)s,
            jsonb_build_object('recordedAt', %(now)s, 'usageAfter', jsonb_build_object(
                'tier', upd.tier_slug, 'limit', upd.token_limit, 'used', upd.used, 'reserved', upd.reserved,
                'cap', upd.cap, 'overageRate', upd.overage_rate::text,
