@@ -113,8 +113,10 @@ def _rules_from_db(operation_type: str, provider: str) -> Rules:
 def tokens_estimate(*, operation_type: str, provider: str, model: str | None, topic: str,
                     sources: list[str]) -> dict:
     op_slug, base_tokens, rules, calibrations = _rules_for(operation_type, provider)
-    script = estimation.script_class(estimation.content_text(topic, sources))
-    calibration = None if rules.exact else calibration_pick(calibrations, model=model or "", script=script)
+    # The script picks the calibration, so it is part of the key only through it; an exact
+    # count needs it only for the answer (on a miss).
+    script = None if rules.exact else estimation.script_class(estimation.content_text(topic, sources))
+    calibration = None if script is None else calibration_pick(calibrations, model=model or "", script=script)
     digest = hashlib.blake2b(digest_size=20)
     # The calibration's id and version: a recalibration is used at once, not when the cache expires.
     digest.update(json.dumps([op_slug, base_tokens, rules.slug, rules.exact, rules.default_encoding,

@@ -3,8 +3,10 @@ learning, the job over real ledger rows, the estimate's cache key, and what staf
 from __future__ import annotations
 
 import math
+import time
 from decimal import Decimal
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -53,6 +55,26 @@ def settle(api, user, prefix: str, count: int, *, estimated: int, actual: int, s
 ])
 def test_script_class(text, expected):
     assert estimation.script_class(text) == expected
+
+
+CORPUS = Path(__file__).resolve().parents[2] / "bench" / "corpus"
+
+
+@pytest.mark.parametrize("name,expected", [("english", "latin"), ("code", "code"), ("cyrillic", "cyrillic"),
+                                           ("cjk", "cjk")])
+def test_every_text_of_the_benchmark_corpus_is_told_apart(name, expected):
+    text = (CORPUS / f"{name}.txt").read_text()
+    units = text.split("\n####\n")[1:] if name == "code" else text.splitlines()
+    assert {estimation.script_class(unit) for unit in units if unit.strip()} == {expected}
+
+
+def test_telling_the_script_of_a_long_text_is_cheap():
+    """It runs on every estimate, cached ones included (whose budget is a millisecond)."""
+    text = ("The committee reviewed the figures. " * 3000 + CJK * 100)[:200_000]
+    started = time.perf_counter()
+    for _ in range(100):
+        estimation.script_class(text)
+    assert (time.perf_counter() - started) / 100 < 0.0005
 
 
 # --- the learning itself -----------------------------------------------------------------------------
