@@ -74,7 +74,7 @@ def test_telling_the_script_of_a_long_text_is_cheap():
     started = time.perf_counter()
     for _ in range(100):
         estimation.script_class(text)
-    assert (time.perf_counter() - started) / 100 < 0.0005
+    assert (time.perf_counter() - started) / 100 < 0.001  # 20-70 µs on a quiet machine
 
 
 # --- the learning itself -----------------------------------------------------------------------------
