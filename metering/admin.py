@@ -6,7 +6,7 @@ from django.contrib.admin.models import ADDITION, CHANGE, DELETION, LogEntry
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
-from .models import Account, AuditLog, LedgerEntry, OperationType, Provider, Reservation, ServiceKey, Tier, UsagePeriod
+from .models import Account, AuditLog, Calibration, LedgerEntry, OperationType, Provider, Reservation, ServiceKey, Tier, UsagePeriod
 from .services import RequestContext, audit_record, service_key_create, service_key_revoke, tier_apply_terms
 
 
@@ -74,9 +74,30 @@ class OperationTypeAdmin(admin.ModelAdmin):
 
 @admin.register(Provider)
 class ProviderAdmin(admin.ModelAdmin):
-    list_display = ("slug", "name", "counting", "default_encoding", "calibration_factor", "calibration_samples",
-                    "recent_error", "calibrated_at", "active")
-    readonly_fields = ("calibration_samples", "recent_error", "calibrated_at")
+    list_display = ("slug", "name", "counting", "default_encoding", "calibration_factor", "active")
+
+
+@admin.register(Calibration)
+class CalibrationAdmin(ReadOnlyAdmin):
+    """What estimates learnt: one row per provider, model and script class ('*' = any),
+    written only by the calibration job. A row with a high recent error or few samples
+    is the one to look at."""
+    list_display = ("provider", "model_or_any", "script_or_any", "factor", "samples", "recent_error_percent",
+                    "version", "updated_at")
+    list_filter = ("provider", "script_class")
+    search_fields = ("provider", "model")
+
+    @admin.display(description="model", ordering="model")
+    def model_or_any(self, obj: Calibration) -> str:
+        return obj.model or "*"
+
+    @admin.display(description="script", ordering="script_class")
+    def script_or_any(self, obj: Calibration) -> str:
+        return obj.script_class or "*"
+
+    @admin.display(description="recent mean abs. error", ordering="recent_error")
+    def recent_error_percent(self, obj: Calibration) -> str:
+        return "-" if obj.recent_error is None else f"{obj.recent_error * 100:.1f}%"
 
 
 @admin.register(ServiceKey)

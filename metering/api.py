@@ -20,6 +20,7 @@ from consensus_tokens.errors import ApplicationError, validation_fields
 
 from . import selectors, services
 from .auth import CanConsume, CanReadFor
+from .estimation import SCRIPT_CLASSES
 from .principals import ServicePrincipal
 from .services import ConsumeRequest, RequestContext
 from .services.context import request_context
@@ -173,7 +174,10 @@ class EstimateApi(JsonApi):
                                                             "content": serializers.IntegerField()})
         provider = serializers.CharField()
         encoding = serializers.CharField()
-        method = serializers.CharField()
+        method = serializers.ChoiceField(choices=["exact", "calibrated"])
+        scriptClass = serializers.ChoiceField(choices=SCRIPT_CLASSES)
+        calibrationSamples = serializers.IntegerField(
+            help_text="Settled operations the calibration applied has learnt from (0: exact, or not learnt yet).")
         cached = serializers.BooleanField()
 
     @extend_schema(request=InputSerializer, responses={200: OutputSerializer, **ERRORS})
@@ -246,13 +250,17 @@ class ConsumeInput(serializers.Serializer):
                   "token_cap_exceeded, nothing recorded, the hold kept). In a batch, each hold once.")
     estimatedTokens = StrictIntegerField(required=False, allow_null=True, default=None, min_value=0,
                                          max_value=settings.MAX_TOKENS_PER_REQUEST)
+    scriptClass = serializers.ChoiceField(
+        choices=SCRIPT_CLASSES, required=False, allow_blank=True, default="",
+        help_text="The scriptClass the estimate answered (with estimatedTokens, provider and model): estimates "
+                  "learn per script from what operations really cost.")
 
     @staticmethod
     def to_request(data: dict[str, Any]) -> ConsumeRequest:
         return ConsumeRequest(user_id=data["userId"], operation_id=data["operationId"], tokens=data["tokens"],
                               operation_type=data["operationType"], provider=data["provider"], model=data["model"],
                               reservation_id=str(data["reservationId"]) if data["reservationId"] else "",
-                              estimated_tokens=data["estimatedTokens"])
+                              estimated_tokens=data["estimatedTokens"], script_class=data["scriptClass"])
 
 
 # Valid, plain consume items skip DRF's per-field machinery (same result; anything

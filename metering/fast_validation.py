@@ -65,6 +65,18 @@ def _char_check(field: serializers.CharField) -> Check | None:
     return check
 
 
+def _choice_check(field: serializers.ChoiceField) -> Check:
+    # DRF looks a choice up by str(value), so 1 may match "1": only exact strings here.
+    choices = {key for key, value in field.choice_strings_to_values.items() if key == value}
+    allow_blank = field.allow_blank
+
+    def check(value: Any) -> Any:
+        if type(value) is not str or not (value in choices or (allow_blank and value == "")):
+            return _MISSING
+        return value
+    return check
+
+
 def _field_check(field: drf_fields.Field, narrowing: tuple[type, ...]) -> Check | None:
     if any(not isinstance(v, _KNOWN_VALIDATORS) for v in field.validators):
         return None
@@ -73,6 +85,8 @@ def _field_check(field: drf_fields.Field, narrowing: tuple[type, ...]) -> Check 
         return _integer_check(field)
     if type(field) is serializers.CharField or (isinstance(field, serializers.CharField) and type(field) in narrowing):
         return _char_check(field)
+    if type(field) is serializers.ChoiceField:
+        return _choice_check(field)
     if type(field) is serializers.UUIDField:  # only absent or null take the fast path
         return lambda value: _MISSING
     return None

@@ -1,5 +1,6 @@
-"""Metering's Prometheus figures: tokens consumed (counted when a consume commits) and holds by
-status (read from the database at scrape time). Connected from MeteringConfig.ready."""
+"""Metering's Prometheus figures: tokens consumed (counted when a consume commits), holds by
+status and each provider's estimate accuracy (read from the database at scrape time). Connected
+from MeteringConfig.ready."""
 from __future__ import annotations
 
 from django.db import transaction
@@ -9,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from consensus_tokens import metrics
 
 from .models import Reservation
+from .selectors import estimate_accuracy_by_provider
 from .signals import usage_recorded, usage_recorded_many
 
 
@@ -33,6 +35,25 @@ class ReservationsCollector:
         yield finished
 
 
+class EstimateAccuracyCollector:
+    def describe(self):
+        return [GaugeMetricFamily("ct_estimate_error_ratio", ""),
+                GaugeMetricFamily("ct_estimate_calibration_samples", "")]
+
+    def collect(self):
+        error = GaugeMetricFamily("ct_estimate_error_ratio",
+                                  "Recent mean absolute error of calibrated estimates (0.1 = 10%).",
+                                  labels=["provider"])
+        samples = GaugeMetricFamily("ct_estimate_calibration_samples",
+                                    "Settled operations the provider's calibrations learnt from.", labels=["provider"])
+        for row in estimate_accuracy_by_provider():
+            samples.add_metric([row.provider], row.samples)
+            if row.recent_error is not None:
+                error.add_metric([row.provider], float(row.recent_error))
+        yield error
+        yield samples
+
+
 def _on_usage_recorded(sender, period, used_before, **kwargs) -> None:
     grown = period.used - used_before
     if grown > 0:
@@ -47,5 +68,6 @@ def _on_usage_recorded_many(sender, changes, **kwargs) -> None:
 
 def connect() -> None:
     metrics.register_database_metrics(ReservationsCollector())
+    metrics.register_database_metrics(EstimateAccuracyCollector())
     usage_recorded.connect(_on_usage_recorded, dispatch_uid="metrics.tokens_consumed")
     usage_recorded_many.connect(_on_usage_recorded_many, dispatch_uid="metrics.tokens_consumed_many")

@@ -65,25 +65,22 @@ class Provider(models.Model):
     """An AI provider and how to estimate its tokens.
 
     `openai` counts exactly with tiktoken. Others count with a tiktoken encoding
-    scaled by `calibration_factor`, which learns from the actual tokens reported
-    when operations settle; the chars/words ratios are the floor of the estimate.
+    times a factor learnt per model and script class (`Calibration`) from the
+    actual tokens reported when operations settle; until one is learnt, the
+    staff-set `calibration_factor`.
     """
 
     class Counting(models.TextChoices):
         EXACT = "exact", "Exact (tiktoken)"
-        CALIBRATED = "calibrated", "Calibrated (tiktoken × factor, ratios as floor)"
+        CALIBRATED = "calibrated", "Calibrated (tiktoken × learnt factor)"
 
     slug = models.SlugField(max_length=40, unique=True)
     name = models.CharField(max_length=100)
     counting = models.CharField(max_length=20, choices=Counting.choices, default=Counting.CALIBRATED)
     default_encoding = models.CharField(max_length=40, default="cl100k_base")
-    chars_per_token = models.DecimalField(max_digits=6, decimal_places=3, default=Decimal("4"))
-    words_per_token = models.DecimalField(max_digits=6, decimal_places=3, default=Decimal("0.75"))
-    calibration_factor = models.DecimalField(max_digits=8, decimal_places=5, default=Decimal("1"))
-    calibration_samples = models.PositiveIntegerField(default=0)
-    # Mean absolute relative error of recent estimates (0.1 = 10%), for staff to watch.
-    recent_error = models.DecimalField(max_digits=8, decimal_places=5, null=True, blank=True)
-    calibrated_at = models.DateTimeField(null=True, blank=True)
+    calibration_factor = models.DecimalField(
+        max_digits=8, decimal_places=5, default=Decimal("1"), verbose_name="starting factor",
+        help_text="Tokens per tiktoken token, applied until a calibration has been learnt from settled operations.")
     active = models.BooleanField(default=True)
 
     class Meta:
@@ -91,6 +88,50 @@ class Provider(models.Model):
 
     def __str__(self) -> str:
         return self.slug
+
+
+class Calibration(models.Model):
+    """How far a calibrated provider's real token counts are from its tiktoken base,
+    learnt from settled operations, per model ('' = any model) and script class
+    ('' = any script; see metering/estimation.py).
+
+    Only `calibration_learn_run` writes these, off the consume path; every write
+    bumps `version`, which is part of the estimate cache's key, so a new figure is
+    used at once. `log_factor` and `deviation` are the learning's own state
+    (estimation.LearnState); `factor` is what estimates apply."""
+
+    provider = models.CharField(max_length=40)
+    model = models.CharField(max_length=100, blank=True, default="")
+    script_class = models.CharField(max_length=12, blank=True, default="")
+    factor = models.DecimalField(max_digits=9, decimal_places=5)
+    log_factor = models.FloatField()
+    deviation = models.FloatField()
+    samples = models.PositiveIntegerField(default=0)
+    # Mean absolute relative error of recent estimates (0.1 = 10%), for staff to watch.
+    recent_error = models.DecimalField(max_digits=8, decimal_places=5, null=True, blank=True)
+    version = models.PositiveIntegerField(default=1)
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["provider", "model", "script_class"], name="calibration_one_per_group"),
+        ]
+        ordering = ["provider", "model", "script_class"]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.model or '*'} {self.script_class or '*'} ×{self.factor}"
+
+
+class CalibrationCursor(models.Model):
+    """How far calibration has read the ledger (one row, id=1): the last ledger id
+    learnt from. Moved in the same transaction as the calibrations it fed, so a run
+    that crashed learnt nothing and the next one reads the same rows again."""
+
+    ledger_id = models.BigIntegerField(default=0)
+    ran_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"calibrated from the ledger up to #{self.ledger_id}"
 
 
 class ServiceKey(models.Model):
@@ -218,6 +259,10 @@ class LedgerEntry(models.Model):
     model = models.CharField(max_length=100, blank=True, default="")
     estimated_tokens = models.PositiveIntegerField(null=True, blank=True)
     actual_tokens = models.PositiveIntegerField(null=True, blank=True)
+    # The content's script class as the estimate reported it (the consume's optional
+    # scriptClass), for calibration. A database default, so the raw writers that do
+    # not name it need not change.
+    script_class = models.CharField(max_length=12, blank=True, default="", db_default="")
     # Most rows have no reservation: ledger_reservation holds only those that do. No
     # query filters the ledger by service key (keys are revoked, never deleted): no index.
     reservation = models.ForeignKey("Reservation", on_delete=models.PROTECT, null=True, blank=True, related_name="+",

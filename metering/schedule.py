@@ -25,6 +25,9 @@ def periodic_jobs() -> list[PeriodicJob]:
         PeriodicJob("ledger rollup refresh", "metering.ledger_rollup_refresh",
                     "Catch the daily rollups behind the dashboard and analytics up with the ledger.",
                     every_seconds=60),
+        PeriodicJob("estimate calibration", "metering.calibration_learn",
+                    "Learn each provider's estimate calibration (per model and script) from new settlements.",
+                    every_seconds=60),
         # https://crontab.guru/#15_4_*_*_*
         PeriodicJob("ledger rollup verify", "metering.ledger_rollup_verify",
                     "Prove the rollups equal the ledger; repair drift.",

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from .errors import UnknownUser
 
-from .models import Account, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Reservation, Tier, UsagePeriod
+from .models import Account, Calibration, DailyUsage, LedgerEntry, LedgerRollupState, OperationType, Reservation, Tier, UsagePeriod
 
 
 def _as_datetime(value: date | datetime, *, end: bool = False) -> datetime:
@@ -409,3 +409,25 @@ def support_numbers(*, now: datetime | None = None) -> SupportNumbers:
                         Value(Decimal(0)), output_field=money))
     return SupportNumbers(sum(g.used_delta for g in groups), sum(g.entries for g in groups), over_90,
                           int(agg["tokens"]), Decimal(agg["charge"]).quantize(Decimal("0.01"), ROUND_HALF_UP))
+
+
+@dataclass(frozen=True)
+class ProviderAccuracy:
+    provider: str
+    samples: int
+    recent_error: Decimal | None  # sample-weighted mean of its calibrations' recent errors
+
+
+def estimate_accuracy_by_provider() -> list[ProviderAccuracy]:
+    """Each calibrated provider's learnt samples and recent estimate error, over its
+    any-model calibrations (one per script class): each sample teaches exactly one."""
+    totals: dict[str, list] = {}
+    for provider, samples, error in Calibration.objects.filter(model="").values_list(
+            "provider", "samples", "recent_error"):
+        n, weighted, weight = totals.setdefault(provider, [0, Decimal(0), 0])
+        totals[provider][0] = n + samples
+        if error is not None:
+            totals[provider][1] = weighted + error * samples
+            totals[provider][2] = weight + samples
+    return [ProviderAccuracy(provider, n, (weighted / weight).quantize(Decimal("0.00001")) if weight else None)
+            for provider, (n, weighted, weight) in sorted(totals.items())]

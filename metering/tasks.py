@@ -10,7 +10,7 @@ from celery import shared_task
 
 from consensus_tokens.jobs import run_locked
 
-from .services import (cleanup_run, ledger_rollup_refresh, ledger_rollup_verify, reconcile_run,
+from .services import (calibration_learn_run, cleanup_run, ledger_rollup_refresh, ledger_rollup_verify, reconcile_run,
                        reservations_expiry_run, rollover_run)
 
 
@@ -48,3 +48,11 @@ def ledger_rollup_verify_task() -> int:
     """Prove DailyUsage equals the ledger; repair and report any group that does
     not. Schedule daily, off-peak."""
     return len(ledger_rollup_verify(repair=True))
+
+
+@shared_task(name="metering.calibration_learn", ignore_result=True)
+def calibration_learn_task() -> dict[str, int]:
+    """Learn the estimate calibrations from newly settled consumptions. Schedule every
+    minute: off the consume path, which never waits for it."""
+    run = calibration_learn_run()
+    return {"cursor": run.cursor, "samples": run.samples, "calibrationsWritten": run.calibrations_written}

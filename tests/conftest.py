@@ -65,6 +65,7 @@ def _seed_reference_data() -> None:
     from django.apps import apps
 
     import_module("metering.migrations.0002_seed_tiers_operations_providers").seed(apps, None)
+    import_module("metering.migrations.0011_seed_mistral_exact").seed(apps, None)
 
 
 @pytest.fixture(scope="session")

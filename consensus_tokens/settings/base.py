@@ -205,6 +205,8 @@ ESTIMATE_CACHE_SECONDS = env.int("ESTIMATE_CACHE_SECONDS", default=3600)
 # How long a worker keeps an operation type's and provider's estimation rules (a staff
 # change applies in that worker at once, in the others within this).
 ESTIMATE_RULES_CACHE_SECONDS = env.float("ESTIMATE_RULES_CACHE_SECONDS", default=5)
+# Ledger ids one calibration transaction reads (metering.calibration_learn).
+CALIBRATION_BATCH_SIZE = env.int("CALIBRATION_BATCH_SIZE", default=5000)
 # The one policy for accounts nobody pays for: the tier of a new account and of one whose
 # canceled subscription's paid time is over (empty: none, no tokens). Such an account has no
 # overage room unless its Stripe customer has a payment method on file.

@@ -12,7 +12,7 @@ from .consume.contract import MAX_BATCH, BatchRefused, ConsumeRequest, ConsumeRe
 from .consume.dispatch import usage_consume, usage_consume_batch
 from .consume.orm import consume_refused
 from .context import SYSTEM, RequestContext
-from .estimates import provider_calibrate, tokens_estimate
+from .estimates import CalibrationRun, calibration_learn_batch, calibration_learn_run, calibration_pick, tokens_estimate
 from .housekeeping import CleanupResult, cleanup_run, reconcile_run, reservations_expiry_run, rollover_run
 from .keys import service_key_create, service_key_revoke
 from .reconcile import (
@@ -42,7 +42,8 @@ from .usage import (
 __all__ = [
     "MAX_BATCH", "SYSTEM", "BatchRefused", "CheckResult", "ConsumeRequest", "ConsumeResult", "Drift",
     "RequestContext", "Usage", "account_apply_terms", "account_change_tier", "account_for_user", "account_terms",
-    "audit_record", "consume_refused", "ledger_misattributed", "ledger_reconcile", "period_align", "period_current", "period_reset", "provider_calibrate",
+    "audit_record", "consume_refused", "ledger_misattributed", "ledger_reconcile", "period_align", "period_current", "period_reset",
+    "CalibrationRun", "calibration_learn_batch", "calibration_learn_run", "calibration_pick",
     "reservation_release", "reservation_release_by_support", "reservations_expire_stale", "service_key_create", "service_key_revoke",
     "tier_apply_terms", "tokens_estimate", "usage_adjust", "usage_check", "usage_consume", "usage_consume_batch",
     "usage_get", "usage_grant", "usage_of", "usage_percentage", "usage_status",

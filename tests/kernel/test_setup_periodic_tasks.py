@@ -17,7 +17,7 @@ from consensus_tokens.management.commands.setup_periodic_tasks import entry_desc
 pytestmark = pytest.mark.django_db
 
 METERING_JOBS = {"reservation expiry", "cleanup", "period rollover", "reconciliation", "ledger rollup refresh",
-                 "ledger rollup verify"}
+                 "ledger rollup verify", "estimate calibration"}
 ALERTS_JOBS = {"weekly digest", "anomaly detection", "send pending alerts"}
 BILLING_JOBS = {"billing: bill ended periods' overage", "billing: bill overage past a tier's threshold",
                 "billing: hold accounts past the payment grace period", "billing: end access of canceled subscriptions",

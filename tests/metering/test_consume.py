@@ -139,13 +139,13 @@ def test_a_user_without_a_tier_cannot_spend(api, make_user, path):
 def test_new_operation_types_and_providers_need_no_deploy(api, make_user, path):
     user = make_user()
     OperationType.objects.create(slug="translation", name="Translation", base_tokens=150)
-    Provider.objects.create(slug="mistral", name="Mistral", counting="calibrated", default_encoding="o200k_base",
-                            chars_per_token="3.8", words_per_token="0.7")
-    consumed = api.post(CONSUME, consume_body(user, "t", 10, "translation", provider="mistral"), format="json")
+    Provider.objects.create(slug="cohere", name="Cohere", counting="calibrated", default_encoding="o200k_base",
+                            calibration_factor="1.1")
+    consumed = api.post(CONSUME, consume_body(user, "t", 10, "translation", provider="cohere"), format="json")
     assert consumed.status_code == 201, consumed.content
     estimate = api.post("/api/tokens/estimate", {"userId": user.pk, "operationType": "translation",
-                                                 "provider": "mistral", "topic": ""}, format="json").json()
-    assert (estimate["tokens"], estimate["provider"], estimate["encoding"]) == (150, "mistral", "o200k_base")
+                                                 "provider": "cohere", "topic": ""}, format="json").json()
+    assert (estimate["tokens"], estimate["provider"], estimate["encoding"]) == (150, "cohere", "o200k_base")
 
 
 def test_retired_operation_types_and_providers_are_refused(api, make_user, path):

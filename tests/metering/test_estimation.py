@@ -1,5 +1,5 @@
-"""Estimation: exact tiktoken counts for OpenAI models, ratio floor and learned
-calibration for other providers, offline encodings, and the estimate cache."""
+"""Estimation: exact tiktoken counts for OpenAI models, the encoding times a factor for
+other providers, offline encodings, and the estimate cache (learning: test_calibration.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -18,11 +18,7 @@ import tiktoken
 from django.conf import settings
 
 from metering import estimation
-from metering.encodings import seed_cache
-from metering.models import Provider
-from metering.services import provider_calibrate
-
-from .conftest import consume_body
+from metering.encodings import seed_cache, tekken_path
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGLISH = ("The committee reviewed three independent analyses of the quarterly figures and found that, "
@@ -39,7 +35,7 @@ TIKTOKEN_HASHES = {"cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93
                    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"}
 
 ANTHROPIC = estimation.ProviderRules(slug="anthropic", exact=False, default_encoding="cl100k_base",
-                                     chars_per_token=Decimal("3.5"), words_per_token=Decimal("0.7"))
+                                     calibration_factor=Decimal("1.1"))
 
 
 def reference_count(encoding: str, text: str) -> int:
@@ -48,9 +44,11 @@ def reference_count(encoding: str, text: str) -> int:
     return len(tiktoken.get_encoding(encoding).encode_ordinary(text))
 
 
-def ratio_floor(text: str) -> int:
-    by_chars = math.ceil(Fraction(len(text)) / Fraction(7, 2))
-    return max(by_chars, math.ceil(Fraction(len(text.split())) / Fraction(7, 10)))
+def mistral_count(text: str, name: str = "tekken_240911") -> int:
+    """Mistral's own tokenizer class (mistral-common), from the file it ships."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    return len(Tekkenizer.from_file(str(tekken_path(name))).encode(text, bos=False, eos=False))
 
 
 def estimate_body(user, **overrides) -> dict:
@@ -74,6 +72,27 @@ def test_openai_counts_exactly_with_the_models_encoding(api, make_user, model, e
     assert result["breakdown"] == {"base": 100, "content": expected}
     assert result["tokens"] == 100 + expected
     assert (result["provider"], result["method"], result["cached"]) == ("openai", "exact", False)
+    assert (result["scriptClass"], result["calibrationSamples"]) == ("cyrillic", 0)  # most of the letters
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("model", ["mistral-small-latest", "mistral-large-2411", None, "gpt-4o"])
+def test_mistral_counts_exactly_with_its_tekken_tokenizer(api, make_user, model):
+    """The encoding is built from the file mistral-common ships; Mistral's own class counts the same."""
+    user = make_user()
+    body = estimate_body(user, provider="mistral", topic=ENGLISH + CJK, sources=[CYRILLIC, "def f(x):\n    return x"],
+                         **({"model": model} if model else {}))
+    result = api.post("/api/tokens/estimate", body, format="json").json()
+    expected = mistral_count("\n".join([ENGLISH + CJK, CYRILLIC, "def f(x):\n    return x"]))
+    assert result["breakdown"] == {"base": 100, "content": expected}
+    assert (result["encoding"], result["method"], result["calibrationSamples"]) == ("tekken_240911", "exact", 0)
+
+
+@pytest.mark.parametrize("name", ["tekken_240911", "tekken_240718"])
+def test_both_shipped_tekken_tokenizers_count_as_mistral_does(name):
+    for text in (ENGLISH, CJK, CYRILLIC, "  spaces\t\ttabs\n\nand 12345 numbers 3.14159 ", "émoji 🙂 ok"):
+        assert len(estimation.get_encoding(name, settings.TIKTOKEN_CACHE_DIR).encode_ordinary(text)) == \
+            mistral_count(text, name)
 
 
 def test_the_two_encodings_really_differ_on_this_text():
@@ -113,87 +132,34 @@ def test_a_staff_change_to_an_operation_type_applies_to_the_next_estimate(api, m
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "unknown_operation_type"
 
 
-@pytest.mark.parametrize("text,dominant", [
-    (ENGLISH * 5, "chars"),
-    ("a " * 1000, "words"),
-    (CJK, "tiktoken"),
-    (CYRILLIC, "tiktoken"),
-])
-def test_uncalibrated_providers_take_the_larger_of_ratios_and_encoding(text, dominant):
+@pytest.mark.parametrize("text", [ENGLISH * 5, "a " * 1000, CJK, CYRILLIC], ids=["english", "words", "cjk",
+                                                                              "cyrillic"])
+def test_uncalibrated_providers_count_with_the_encoding_times_their_starting_factor(text):
+    """No chars or words floor: tiktoken sees the script (a chars ratio alone is far low on CJK)."""
     result = estimation.estimate(base_tokens=300, rules=ANTHROPIC, model=None, topic=text, sources=[],
                                  cache_dir=settings.TIKTOKEN_CACHE_DIR)
     counted = reference_count("cl100k_base", text)
-    by_chars = math.ceil(Fraction(len(text)) / Fraction(7, 2))
-    by_words = math.ceil(Fraction(len(text.split())) / Fraction(7, 10))
-    assert result.content == max(counted, by_chars, by_words)
-    assert result.content == {"chars": by_chars, "words": by_words, "tiktoken": counted}[dominant]
-    assert (result.tokens, result.base, result.method, result.encoding) == (
-        300 + result.content, 300, "calibrated+ratio-floor", "cl100k_base")
+    assert result.content == math.ceil(Fraction(counted) * Fraction(11, 10))
+    assert (result.tokens, result.base, result.method, result.encoding, result.calibration_samples) == (
+        300 + result.content, 300, "calibrated", "cl100k_base", 0)
+    if text is CJK:
+        assert result.content > 1.5 * math.ceil(len(text) / 4)
 
 
 @pytest.mark.parametrize("text", [CJK, CYRILLIC, ENGLISH * 3], ids=["cjk", "cyrillic", "english"])
-@pytest.mark.parametrize("rules", [ANTHROPIC, estimation.ProviderRules(
-    slug="other", exact=False, default_encoding="cl100k_base", chars_per_token=Decimal("4"),
-    words_per_token=Decimal("0.75"))], ids=["anthropic", "4-chars"])
-def test_non_latin_text_is_not_underestimated(text, rules):
-    """A chars ratio alone is far low on CJK; the estimate never goes below the encoding's count."""
-    result = estimation.estimate(base_tokens=0, rules=rules, model=None, topic=text, sources=[],
-                                 cache_dir=settings.TIKTOKEN_CACHE_DIR)
-    assert result.content >= reference_count("cl100k_base", text)
-    if text is CJK:
-        assert result.content > 1.5 * math.ceil(len(text) / float(rules.chars_per_token))
+def test_a_calibration_scales_the_encodings_count(text):
+    used = estimation.CalibrationUsed(factor=Decimal("0.62"), samples=40, id=3, version=9)
+    result = estimation.estimate(base_tokens=0, rules=ANTHROPIC, model=None, topic=text, sources=[],
+                                 cache_dir=settings.TIKTOKEN_CACHE_DIR, calibration=used)
+    assert result.content == math.ceil(Fraction(reference_count("cl100k_base", text)) * Fraction(62, 100))
+    assert (result.method, result.calibration_samples) == ("calibrated", 40)
 
 
 def test_topic_and_sources_are_counted_together():
-    rules = estimation.ProviderRules(slug="openai", exact=True, default_encoding="o200k_base",
-                                     chars_per_token=Decimal("4"), words_per_token=Decimal("0.75"))
+    rules = estimation.ProviderRules(slug="openai", exact=True, default_encoding="o200k_base")
     result = estimation.estimate(base_tokens=0, rules=rules, model="gpt-4o", topic="Topic line",
                                  sources=["first source", "second source"], cache_dir=settings.TIKTOKEN_CACHE_DIR)
     assert result.content == reference_count("o200k_base", "Topic line\nfirst source\nsecond source")
-
-
-@pytest.mark.django_db
-def test_calibration_learns_from_settled_operations(api, make_user):
-    user = make_user("enterprise")
-    anthropic = Provider.objects.get(slug="anthropic")
-    text = "a " * 1000  # the words ratio (1,429) is above the encoding count x 1.3
-    before = api.post("/api/tokens/estimate", estimate_body(user, provider="anthropic", topic=text, sources=[]),
-                      format="json").json()
-    assert before["method"] == "calibrated+ratio-floor"
-    assert before["breakdown"]["content"] == ratio_floor(text) == 1_429
-
-    # 25 operations settle with 30% more tokens than estimated (and one other provider, ignored)
-    ops = [consume_body(user, f"cal-{i}", 130, provider="anthropic", estimatedTokens=100) for i in range(25)]
-    ops.append(consume_body(user, "cal-openai", 500, provider="openai", estimatedTokens=100))
-    assert api.post("/api/tokens/consume/batch", {"operations": ops}, format="json").status_code == 201
-    calibrated = provider_calibrate(provider=anthropic)
-    assert calibrated.calibration_factor == Decimal("1.30000")
-    assert calibrated.calibration_samples == 25
-    assert calibrated.recent_error == Decimal("0.23077")  # |130 - 100| / 130
-    assert calibrated.calibrated_at is not None
-
-    after = api.post("/api/tokens/estimate", estimate_body(user, provider="anthropic", topic=text, sources=[]),
-                     format="json").json()
-    assert after["cached"] is False  # the factor is part of the cache key
-    assert after["method"] == "calibrated"
-    counted = reference_count("cl100k_base", text)
-    assert after["breakdown"]["content"] == math.ceil(Fraction(counted) * Fraction(13, 10)) < 1_429
-
-    # a second run reads only what settled since, and moves at most x2 per run
-    assert provider_calibrate(provider=anthropic).calibration_factor == Decimal("1.30000")
-    more = [consume_body(user, f"cal2-{i}", 1_000, provider="anthropic", estimatedTokens=100) for i in range(3)]
-    api.post("/api/tokens/consume/batch", {"operations": more}, format="json")
-    again = provider_calibrate(provider=anthropic)
-    assert again.calibration_factor == Decimal("2.60000") and again.calibration_samples == 28
-
-
-@pytest.mark.django_db
-def test_exact_providers_are_not_calibrated(api, make_user):
-    user = make_user()
-    api.post("/api/tokens/consume", consume_body(user, "o", 500, provider="openai", estimatedTokens=100),
-             format="json")
-    openai = provider_calibrate(provider=Provider.objects.get(slug="openai"))
-    assert openai.calibration_factor == Decimal("1") and openai.calibration_samples == 0
 
 
 @pytest.mark.django_db
@@ -246,7 +212,7 @@ def test_encodings_load_offline_from_an_empty_cache(tmp_path):
         socket.create_connection = offline
         socket.getaddrinfo = offline
         from metering.encodings import get_encoding
-        for name in ("o200k_base", "cl100k_base"):
+        for name in ("o200k_base", "cl100k_base", "tekken_240911"):
             print(name, len(get_encoding(name, {str(tmp_path)!r}).encode_ordinary({ENGLISH!r})))
     """)
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
@@ -254,7 +220,8 @@ def test_encodings_load_offline_from_an_empty_cache(tmp_path):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     counts = dict(line.split() for line in done.stdout.splitlines())
-    assert counts == {name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")}
+    assert counts == {**{name: str(reference_count(name, ENGLISH)) for name in ("o200k_base", "cl100k_base")},
+                      "tekken_240911": str(mistral_count(ENGLISH))}
     assert len(list(tmp_path.iterdir())) == 2
 
 

@@ -16,6 +16,8 @@ CASES = [
     {"operationId": "x" * 201}, {"operationId": " " + "x" * 200}, {"operationId": "a\u0000b"},
     {"operationType": "\t"}, {"model": "m" * 101}, {"tokens": 0}, {"tokens": "5"}, {"tokens": True},
     {"userId": 0}, {"userId": "7"}, {"estimatedTokens": -1},
+    {"scriptClass": "cjk"}, {"scriptClass": ""}, {"scriptClass": "CJK"}, {"scriptClass": "latin "},
+    {"scriptClass": 1}, {"scriptClass": None}, {"scriptClass": "klingon"},
 ]
 
 
@@ -33,4 +35,4 @@ def test_the_fast_path_agrees_with_the_serializer(change):
 def test_a_plain_item_takes_the_fast_path_even_with_the_strict_fields():
     """ConsumeInput's StrictCharFields narrow CharField: they must not turn the fast path off."""
     assert _consume_plain(BASE) == {**BASE, "provider": "", "model": "", "reservationId": None,
-                                    "estimatedTokens": None}
+                                    "estimatedTokens": None, "scriptClass": ""}

@@ -3,4 +3,4 @@
 -- the SQL around them), unpacked here. Short keys keep it small. Stands for {items} in batch_write.sql
 -- and batch_audit.sql.
 json_to_recordset(%(items)s::json) AS x(i int, u bigint, a bigint, p bigint, t bigint, o text, ot text,
-                                                   pv text, m text, e int, f text, tr text)
+                                                   pv text, m text, e int, sc text, f text, tr text)

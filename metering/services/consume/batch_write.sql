@@ -27,8 +27,9 @@ WITH x AS MATERIALIZED (
 ), entry AS (
     INSERT INTO metering_ledgerentry
         (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
-         estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
-    SELECT r.a, r.p, 'consumption', r.t, 0, r.o, r.ot, r.pv, r.m, r.e, r.t, %(service_key_id)s, '', '', r.f,
+         estimated_tokens, actual_tokens, script_class, service_key_id, actor, reason, fingerprint, response,
+         created_at)
+    SELECT r.a, r.p, 'consumption', r.t, 0, r.o, r.ot, r.pv, r.m, r.e, r.t, r.sc, %(service_key_id)s, '', '', r.f,
            jsonb_build_object('recordedAt', %(now)s::timestamptz, 'usageAfter', jsonb_build_object(
                'tier', NULLIF(r.tr, ''), 'limit', upd.token_limit, 'used', upd.used - upd.delta + r.running,
                'reserved', upd.reserved, 'cap', upd.cap, 'overageRate', upd.overage_rate::text,

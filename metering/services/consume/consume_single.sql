@@ -28,9 +28,11 @@ WITH upd AS (
 ), entry AS (
     INSERT INTO metering_ledgerentry
         (account_id, period_id, kind, used_delta, reserved_delta, operation_id, operation_type, provider, model,
-         estimated_tokens, actual_tokens, service_key_id, actor, reason, fingerprint, response, created_at)
+         estimated_tokens, actual_tokens, script_class, service_key_id, actor, reason, fingerprint, response,
+         created_at)
     SELECT upd.account_id, upd.id, 'consumption', %(tokens)s, 0, %(operation_id)s, %(operation_type)s,
-           %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(service_key_id)s, '', '', %(fingerprint)s,
+           %(provider)s, %(model)s, %(estimated_tokens)s, %(tokens)s, %(script_class)s, %(service_key_id)s, '', '',
+           %(fingerprint)s,
            jsonb_build_object('recordedAt', %(now)s, 'usageAfter', jsonb_build_object(
                'tier', upd.tier_slug, 'limit', upd.token_limit, 'used', upd.used, 'reserved', upd.reserved,
                'cap', upd.cap, 'overageRate', upd.overage_rate::text,

@@ -46,6 +46,9 @@ class ConsumeRequest:
     model: str = ""
     reservation_id: str = ""
     estimated_tokens: int | None = None
+    # The estimate's scriptClass, for calibration. A hint about the estimate, not about what
+    # was consumed: not in the fingerprint, so a replay that says another class is a replay.
+    script_class: str = ""
 
     def fingerprint(self) -> str:
         """sha256 of the JSON array [tokens, operationType, provider, model, reservationId,

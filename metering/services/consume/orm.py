@@ -90,6 +90,7 @@ def _record_consumption(*, account: Account, period: UsagePeriod, request: Consu
                         used_delta=request.tokens, reserved_delta=-freed, operation_id=request.operation_id,
                         operation_type=request.operation_type, provider=request.provider, model=request.model,
                         estimated_tokens=request.estimated_tokens, actual_tokens=request.tokens,
+                        script_class=request.script_class,
                         reservation=reservation, service_key_id=ctx.service_key_id,
                         fingerprint=request.fingerprint(), response=body, created_at=now)
     entry.save()
@@ -376,7 +377,8 @@ def _record_fresh(fresh: list[tuple[int, ConsumeRequest]], accounts: dict[int, A
         LedgerEntry(account=accounts[r.user_id], period=after[periods[r.user_id].pk], kind=LedgerEntry.Kind.CONSUMPTION,
                     used_delta=r.tokens, reserved_delta=-freed.get(i, 0), operation_id=r.operation_id,
                     operation_type=r.operation_type, provider=r.provider, model=r.model,
-                    estimated_tokens=r.estimated_tokens, actual_tokens=r.tokens, reservation=holds.get(i),
+                    estimated_tokens=r.estimated_tokens, actual_tokens=r.tokens, script_class=r.script_class,
+                    reservation=holds.get(i),
                     service_key_id=ctx.service_key_id, fingerprint=r.fingerprint(), response=body, created_at=now)
         for (i, r), body in zip(fresh, bodies)]
     audits = [audit_row(ctx=ctx, user_id=r.user_id, action="consume", result="recorded", tokens=r.tokens,

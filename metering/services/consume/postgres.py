@@ -73,7 +73,8 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
     params = {
         "user_id": request.user_id, "now": now, "tokens": request.tokens, "operation_type": request.operation_type,
         "provider": request.provider, "operation_id": request.operation_id, "model": request.model,
-        "estimated_tokens": request.estimated_tokens, "service_key_id": ctx.service_key_id,
+        "estimated_tokens": request.estimated_tokens, "script_class": request.script_class,
+        "service_key_id": ctx.service_key_id,
         "fingerprint": request.fingerprint(), "client_ip": ctx.client_ip, "user_agent": (ctx.user_agent or "")[:300],
         "actor": ctx.actor, "request_id": ctx.request_id, "thresholds": usage_thresholds(),
     }
@@ -138,7 +139,8 @@ def _batch_write(requests: list[ConsumeRequest], ctx: RequestContext) -> list[Ba
         period_ids = [found[r.user_id][2] for r in requests]
         items = json.dumps([
             {"i": i, "u": r.user_id, "a": account_id, "p": period_id, "t": r.tokens, "o": r.operation_id,
-             "ot": r.operation_type, "pv": r.provider, "m": r.model, "e": r.estimated_tokens, "f": r.fingerprint(),
+             "ot": r.operation_type, "pv": r.provider, "m": r.model, "e": r.estimated_tokens, "sc": r.script_class,
+             "f": r.fingerprint(),
              "tr": tier_slug or ""}
             for i, (r, (account_id, tier_slug, period_id)) in enumerate(zip(requests, (found[r.user_id] for r in requests)))
         ], separators=(",", ":"))
