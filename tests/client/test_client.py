@@ -226,3 +226,16 @@ def test_a_hold_and_its_release_whose_answers_are_lost_happen_once(proxy, servic
     assert hold.pk == op.reservation.reservation_id and hold.status == "released"
     assert op.released is not None and op.released.status == "released"
     assert usage_get(user_id=user.pk).reserved == 0 and not reconcile()
+
+
+def test_an_operation_given_the_estimate_teaches_the_calibration_its_script(client, make_user):
+    user = make_user("pro")
+    estimate = client.estimate(user_id=user.pk, operation_type="summary", provider="anthropic",
+                               topic="Сколько токенов в этом предложении на русском языке?")
+    assert (estimate.method, estimate.script_class, estimate.calibration_samples) == ("calibrated", "cyrillic", 0)
+    with client.operation(user_id=user.pk, operation_type="summary", provider="anthropic",
+                          model="claude-sonnet-4", estimate=estimate) as op:
+        op.settle(estimate.tokens + 25)
+    assert op.reservation.tokens == estimate.tokens
+    [entry] = consumptions(op.operation_id)
+    assert (entry.estimated_tokens, entry.script_class, entry.provider) == (estimate.tokens, "cyrillic", "anthropic")
