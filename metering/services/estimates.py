@@ -176,7 +176,11 @@ def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | No
 
     Each sample's target is the factor its estimate was made with (the calibration
     `calibration_pick` gives as this run starts, or the provider's starting factor)
-    times actual / estimated. Ledger ids become visible at commit, so a consume that
+    times actual / estimated, of the content: the calibration multiplies the content's
+    count only, so the operation type's base cost is taken off both figures first (else a
+    short text under a 500-token base would teach a factor near 1 whatever its script).
+    An operation with no content estimated, or that took no more than its base, teaches
+    nothing. Ledger ids become visible at commit, so a consume that
     commits after a higher id was read is not learnt from: a sample fewer, not an
     error."""
     batch_size = batch_size or settings.CALIBRATION_BATCH_SIZE
@@ -189,10 +193,14 @@ def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | No
         rows = list(LedgerEntry.objects.filter(
             kind=LedgerEntry.Kind.CONSUMPTION, id__gt=cursor.ledger_id, id__lte=high, provider__in=list(priors),
             estimated_tokens__gt=0, actual_tokens__gt=0,
-        ).order_by("id").values_list("id", "provider", "model", "script_class", "estimated_tokens",
-                                     "actual_tokens"))
+        ).order_by("id").values_list("id", "provider", "model", "script_class", "operation_type",
+                                     "estimated_tokens", "actual_tokens"))
+        bases = dict(OperationType.objects.values_list("slug", "base_tokens"))
+        rows = [(provider, model, script, estimated - base, actual - base)
+                for _, provider, model, script, op_type, estimated, actual in rows
+                for base in [bases.get(op_type, 0)] if estimated > base and actual > base]
         stored = {(c.provider, c.model, c.script_class): c for c in
-                  Calibration.objects.select_for_update().filter(provider__in={r[1] for r in rows})}
+                  Calibration.objects.select_for_update().filter(provider__in={r[0] for r in rows})}
         as_started: dict[str, Calibrations] = {}
         for (provider, model, script), c in stored.items():
             as_started.setdefault(provider, {})[(model, script)] = estimation.CalibrationUsed(
@@ -201,7 +209,7 @@ def calibration_learn_batch(*, batch_size: int | None = None, now: datetime | No
                                              error=None if c.recent_error is None else float(c.recent_error))
                   for key, c in stored.items()}
         changed: set[tuple[str, str, str]] = set()
-        for _, provider, model, script, estimated, actual in rows:
+        for provider, model, script, estimated, actual in rows:
             used = calibration_pick(as_started.get(provider, {}), model=model, script=script)
             factor_used = float(used.factor) if used else priors[provider]
             for key in _learn_levels(provider, model, script):

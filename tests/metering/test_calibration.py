@@ -129,8 +129,10 @@ def test_the_job_calibrates_from_ledger_rows_and_estimates_change_at_once(api, m
     assert before["breakdown"]["content"] == math.ceil(Fraction(counted) * Fraction(prior))
     assert estimate(api, user, CJK)["cached"] is True
 
-    # 30 CJK operations took 30% less than estimated; one other provider's and one without an estimate are ignored
-    settle(api, user, "cjk", 30, estimated=1_000, actual=700)
+    # 30 CJK operations' content took 30% less than estimated (summary's base of 100 is no part of the
+    # calibration: 1,100 - 100 estimated, 800 - 100 taken); one other provider's and one without an estimate
+    # are ignored
+    settle(api, user, "cjk", 30, estimated=1_100, actual=800)
     api.post("/api/tokens/consume", consume_body(user, "openai", 500, provider="openai", estimatedTokens=100,
                                                  scriptClass="cjk"), format="json")
     api.post("/api/tokens/consume", consume_body(user, "bare", 500, provider="anthropic"), format="json")
@@ -142,7 +144,7 @@ def test_the_job_calibrates_from_ledger_rows_and_estimates_change_at_once(api, m
         "cursor": LedgerEntry.objects.order_by("-id").first().pk, "samples": 30, "calibrationsWritten": 2}
     learnt = Calibration.objects.get(provider="anthropic", model="claude-sonnet-4", script_class="cjk")
     assert learnt.factor == Decimal("0.70000") * prior and learnt.samples == 30 and learnt.version == 1
-    assert learnt.recent_error == Decimal("0.42857")  # |1000 - 700| / 700: the estimates that were made
+    assert learnt.recent_error == Decimal("0.42857")  # |1000 - 700| / 700: the content estimates made
     assert Calibration.objects.get(provider="anthropic", model="", script_class="cjk").samples == 30
     assert not Calibration.objects.filter(provider="openai").exists()
 
@@ -178,10 +180,10 @@ def test_one_wild_settlement_does_not_move_the_calibration_much(api, make_user):
 def test_consumes_without_a_script_class_teach_the_any_script_calibration(api, make_user, settings):
     settings.METERING_FAST_PATH = False  # the ORM path writes the ledger row this time
     user = make_user("enterprise")
-    settle(api, user, "plain", 12, estimated=100, actual=150, script="", model="")
+    settle(api, user, "plain", 12, estimated=200, actual=250, script="", model="")  # content 100 -> 150
     hold = api.post("/api/tokens/check", {"userId": user.pk, "tokens": 100, "reserve": True, "operationId": "held"},
                     format="json").json()
-    api.post("/api/tokens/consume", consume_body(user, "held", 120, provider="anthropic", estimatedTokens=100,
+    api.post("/api/tokens/consume", consume_body(user, "held", 220, provider="anthropic", estimatedTokens=200,
                                                  reservationId=hold["reservationId"], scriptClass="latin"),
              format="json")
     assert LedgerEntry.objects.get(operation_id="held", kind="consumption").script_class == "latin"
@@ -191,6 +193,22 @@ def test_consumes_without_a_script_class_teach_the_any_script_calibration(api, m
     text = ENGLISH * 3
     # latin has 1 sample, below the minimum: the any-script calibration (12) applies
     assert estimate(api, user, text, model="")["calibrationSamples"] == 12
+
+
+@pytest.mark.django_db
+def test_the_base_cost_is_no_part_of_what_the_calibration_learns(api, make_user):
+    """Consensus has a base of 500: a short CJK text whose content took twice its estimate teaches a factor of
+    two, not 600 / 550; an operation that took no more than its base teaches nothing."""
+    user = make_user("enterprise")
+    prior = Provider.objects.get(slug="anthropic").calibration_factor
+    ops = [consume_body(user, f"short-{i}", 600, operation_type="consensus", provider="anthropic",
+                        model="claude-sonnet-4", estimatedTokens=550, scriptClass="cjk") for i in range(20)]
+    ops.append(consume_body(user, "tiny", 450, operation_type="consensus", provider="anthropic",
+                            model="claude-sonnet-4", estimatedTokens=550, scriptClass="cjk"))
+    assert api.post("/api/tokens/consume/batch", {"operations": ops}, format="json").status_code == 201
+    assert calibration_learn_run().samples == 20
+    learnt = Calibration.objects.get(provider="anthropic", model="claude-sonnet-4", script_class="cjk")
+    assert learnt.factor == Decimal("2.00000") * prior and learnt.samples == 20
 
 
 @pytest.mark.django_db
@@ -228,8 +246,8 @@ def test_the_script_class_is_not_part_of_the_replay_check(api, make_user):
 @pytest.mark.django_db
 def test_staff_see_calibrations_in_admin_and_prometheus(api, make_user, admin_client):
     user = make_user("enterprise")
-    settle(api, user, "a", 20, estimated=100, actual=110, script="latin")
-    settle(api, user, "b", 10, estimated=100, actual=80, script="cjk")
+    settle(api, user, "a", 20, estimated=200, actual=210, script="latin")
+    settle(api, user, "b", 10, estimated=200, actual=180, script="cjk")
     calibration_learn_run()
     page = admin_client.get("/admin/metering/calibration/")
     assert page.status_code == 200
