@@ -36,6 +36,9 @@ http_request_duration = Histogram(
 # --- our counters (helpers other apps call) ------------------------------------------------------
 
 tokens_consumed = Counter("ct_tokens_consumed_total", "Tokens recorded as used (committed).")
+consume_groups = Counter("ct_consume_groups_total",
+                         "Statements that wrote several single consumes at once (group commit).")
+consume_grouped = Counter("ct_consume_grouped_total", "Single consumes written in a group (group commit).")
 refused = Counter("ct_token_requests_refused_total", "Token API requests refused, by error code.", ["reason"])
 ratelimit_refused = Counter("ct_ratelimit_refused_total", "Requests refused by a rate limit.", ["scope"])
 ratelimit_backend_errors = Counter(

@@ -29,6 +29,9 @@ _CACHE_MAX_KEYS = 1000
 _keys: dict[str, tuple[float, ServiceKey]] = {}  # hashed key -> (monotonic expiry, row)
 _last_used_written: dict[int, float] = {}  # key id -> monotonic time this process last wrote last_used_at
 _lock = threading.Lock()
+# Bumped by every eviction: a row read before one (another thread, a revoke) is not cached
+# after it, so a revoked key stops working in this process at once under threaded workers.
+_evictions = 0
 
 
 def _cache_seconds() -> float:
@@ -41,10 +44,13 @@ def service_key_lookup(hashed: str) -> ServiceKey | None:
     hit = _keys.get(hashed)
     if hit is not None and hit[0] > now:
         return hit[1]
+    evictions = _evictions
     key = ServiceKey.objects.filter(hashed_key=hashed).first()
     ttl = _cache_seconds()
     if key is not None and ttl > 0:
         with _lock:
+            if evictions != _evictions:
+                return key  # read before an eviction: good for this request only
             if len(_keys) >= _CACHE_MAX_KEYS:
                 _keys.clear()
             _keys[hashed] = (now + ttl, key)
@@ -55,7 +61,9 @@ def service_key_lookup(hashed: str) -> ServiceKey | None:
 
 def service_key_forget(*, hashed: str | None = None) -> None:
     """Drop one key (or all) from this process's cache."""
+    global _evictions
     with _lock:
+        _evictions += 1
         if hashed is None:
             _keys.clear()
         else:

@@ -49,30 +49,52 @@ class _TierLimits:
 
     MAX_ENTRIES = 100_000
 
+    class _State:
+        """The entries read under one limits version. Swapped whole, never emptied in place:
+        a request thread keeps the state it started with, so rows it read before a change
+        can only land in a state that is no longer in use (threaded workers)."""
+
+        __slots__ = ("default", "entries", "version")
+
+        def __init__(self, version: int | None) -> None:
+            self.version = version
+            self.entries: dict[int, tuple[int, bool, float]] = {}  # uid -> (per hour, has account, expiry)
+            self.default: tuple[int, float] | None = None
+
     def __init__(self) -> None:
-        self.entries: dict[int, tuple[int, bool, float]] = {}  # uid -> (per hour, has account, expiry)
-        self.default: tuple[int, float] | None = None
-        self.version: int | None = None  # the limits version the entries were read under
+        self.state = self._State(None)
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.default = None
+        self.state = self._State(self.state.version)
 
-    def _default_limit(self, now: float) -> int:
-        if self.default is None or self.default[1] <= now:
+    def _current(self, version: int | None) -> "_TierLimits._State":
+        """The state to read and fill for a request that counted under `version`."""
+        state = self.state
+        if version == state.version:
+            return state
+        fresh = self._State(version)
+        # Versions only go up (Redis INCR): a request that counted under an older one than
+        # the installed state uses what it reads and keeps none of it. None (no shared
+        # version: Redis is away) replaces and is replaced.
+        if version is None or state.version is None or version > state.version:
+            self.state = fresh
+        return fresh
+
+    @staticmethod
+    def _default_limit(state: "_TierLimits._State", now: float) -> int:
+        default = state.default
+        if default is None or default[1] <= now:
             rph = Tier.objects.filter(slug=settings.DEFAULT_TIER).values_list("requests_per_hour", flat=True).first()
-            self.default = (100 if rph is None else rph, now + settings.RATELIMIT_TIER_CACHE_SECONDS)
-        return self.default[0]
+            default = state.default = (100 if rph is None else rph, now + settings.RATELIMIT_TIER_CACHE_SECONDS)
+        return default[0]
 
     def get(self, user_ids: list[int], version: int | None = None) -> dict[int, tuple[int, bool, float]]:
         """Each user's (requests per hour, has an account, ...); `version` is the limits
         version read with this request's counts (after them, so a change that bumped it
         before is seen)."""
-        if version != self.version:
-            self.clear()
-            self.version = version
+        state = self._current(version)
         now = time.monotonic()
-        entries = self.entries
+        entries = state.entries
         found: dict[int, tuple[int, bool, float]] = {}
         missing = []
         for uid in user_ids:
@@ -83,20 +105,16 @@ class _TierLimits:
                 missing.append(uid)
         if missing:
             rows = self._read(missing)
-            # Another thread may have seen a newer version meanwhile: then what was read
-            # here may predate the change, so it is used for this request only.
-            keep = self.version == version
-            if keep and len(entries) > self.MAX_ENTRIES:
+            if len(entries) > self.MAX_ENTRIES:
                 entries.clear()
             expires = now + settings.RATELIMIT_TIER_CACHE_SECONDS
             for uid in missing:
                 if uid in rows:
                     rph = rows[uid]
-                    entry = (self._default_limit(now) if rph is None else rph, True, expires)  # no tier: default
-                    if keep:
-                        entries[uid] = entry
+                    entry = (self._default_limit(state, now) if rph is None else rph, True, expires)  # no tier: default
+                    entries[uid] = entry
                 else:  # no account (yet): the default tier's limit
-                    entry = (self._default_limit(now), False, 0.0)
+                    entry = (self._default_limit(state, now), False, 0.0)
                 found[uid] = entry
         return found
 

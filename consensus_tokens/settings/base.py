@@ -216,6 +216,9 @@ DEFAULT_TIER = env("DEFAULT_TIER", default="basic") or None
 TIKTOKEN_CACHE_DIR = env("TIKTOKEN_CACHE_DIR", default=str(Path.home() / ".cache" / "consensus-tokens" / "tiktoken"))
 # Use the single-statement PostgreSQL path for direct consumes.
 METERING_FAST_PATH = env.bool("METERING_FAST_PATH", default=True)
+# Combine the direct consumes a process's threads make at once into one statement
+# (metering/services/consume/combiner.py); matters under threaded workers only.
+METERING_GROUP_COMMIT = env.bool("METERING_GROUP_COMMIT", default=True)
 # Batches write one at a time on PostgreSQL (metering/services/consume/postgres.py says why);
 # false lets batches for disjoint users write at once, contending on row locks only.
 BATCH_WRITES_TAKE_TURNS = env.bool("BATCH_WRITES_TAKE_TURNS", default=True)

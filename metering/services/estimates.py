@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -62,10 +63,15 @@ Rules = tuple[str, int, estimation.ProviderRules, Calibrations]
 # (receivers below) and the others (web processes, when the worker learns) within
 # ESTIMATE_RULES_CACHE_SECONDS; unknown names are never kept.
 _rules_cache: dict[tuple[str, str], tuple[float, Rules]] = {}
+# Bumped by every clear: rules read before one (by another thread) are not kept after it.
+_clears = [0]
+_clears_lock = threading.Lock()
 
 
 def rules_cache_clear(**kwargs) -> None:
-    _rules_cache.clear()
+    with _clears_lock:
+        _clears[0] += 1
+        _rules_cache.clear()
 
 
 post_save.connect(rules_cache_clear, sender=OperationType, dispatch_uid="estimate_rules_op_saved")
@@ -82,10 +88,14 @@ def _rules_for(operation_type: str, provider: str) -> Rules:
     hit = _rules_cache.get((operation_type, provider))
     if hit is not None and hit[0] > now:
         return hit[1]
+    clears = _clears[0]
     rules = _rules_from_db(operation_type, provider)
-    if len(_rules_cache) > 1000:  # names come from requests: keep the dict small
-        _rules_cache.clear()
-    _rules_cache[(operation_type, provider)] = (now + settings.ESTIMATE_RULES_CACHE_SECONDS, rules)
+    with _clears_lock:
+        if clears != _clears[0]:
+            return rules  # read before a change was cleared away: good for this request only
+        if len(_rules_cache) > 1000:  # names come from requests: keep the dict small
+            _rules_cache.clear()
+        _rules_cache[(operation_type, provider)] = (now + settings.ESTIMATE_RULES_CACHE_SECONDS, rules)
     return rules
 
 

@@ -49,6 +49,7 @@ def _statement(name: str, **fragments: str) -> str:
 
 _ITEMS = _statement("batch_items.sql")
 CONSUME_SINGLE = _statement("consume_single.sql")
+CONSUME_GROUP = _statement("consume_group.sql")
 BATCH_READ = _statement("batch_read.sql")
 BATCH_AUDIT = _statement("batch_audit.sql", items=_ITEMS)
 BATCH_WRITE = _statement("batch_write.sql", items=_ITEMS)
@@ -92,6 +93,41 @@ def consume_fast(*, request: ConsumeRequest, ctx: RequestContext) -> ConsumeResu
                             period_start=starts_at, period_end=ends_at)
     body = consume_body(request=request, usage=figures.as_api(used), recorded_at=api_time(now))
     return ConsumeResult({**body, "entryId": entry_id}, replayed=False)
+
+
+# --- a group of single consumes (combiner.py) ---------------------------------------------------
+
+def consume_group_fast(items: list[tuple[ConsumeRequest, RequestContext]]) -> list[ConsumeResult | None]:
+    """Single consumes that arrived together, in one statement (consume_group.sql) on this
+    thread's connection, outside any transaction: each item's answer, as consume_fast would
+    give it, or None where the statement left the item (the ORM path answers it). Raises
+    what the database raises; nothing is recorded then, or everything was (replays)."""
+    now = timezone.now()
+    params = {"now": now, "thresholds": usage_thresholds(), "items": json.dumps([
+        {"i": i, "u": r.user_id, "t": r.tokens, "o": r.operation_id, "ot": r.operation_type, "pv": r.provider,
+         "m": r.model, "e": r.estimated_tokens, "sc": r.script_class, "f": r.fingerprint(), "k": ctx.service_key_id,
+         "ip": ctx.client_ip, "ua": (ctx.user_agent or "")[:300], "ac": ctx.actor, "rq": ctx.request_id}
+        for i, (r, ctx) in enumerate(items)], separators=(",", ":"))}
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg.Cursor(connection.connection) as cursor:
+        cursor.execute(CONSUME_GROUP, params, prepare=True, binary=True)
+        rows = cursor.fetchall()
+    connection.health_check_done = True
+    results: list[ConsumeResult | None] = [None] * len(items)
+    recorded_at = api_time(now)
+    periods: dict[int, tuple] = {}
+    shared: dict[Any, str] = {}
+    for i, entry_id, used, *period, tier_slug, delta in rows:
+        period_id = period[0]
+        if period_id not in periods:
+            periods[period_id] = (period, delta, PeriodFigures(
+                tier=tier_slug, limit=period[4], reserved=period[3], cap=period[5], overage_rate=period[6],
+                period_start=period[7], period_end=period[8], shared=shared))
+        body = consume_body(request=items[i][0], usage=periods[period_id][2].as_api(used), recorded_at=recorded_at)
+        results[i] = ConsumeResult({**body, "entryId": entry_id}, replayed=False)
+    # Committed; no threshold was crossed, so the receivers only count (metrics).
+    notify_usages([(period_after_update(period, now), period[2] - delta) for period, delta, _ in periods.values()])
+    return results
 
 
 # --- batch ---------------------------------------------------------------------------------------
