@@ -36,7 +36,8 @@ DB_NAME = os.environ.get("BENCH_DB", "bench_consensus")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/9")
 # bench/floor.py's views, cheapest first (not imported: it needs Django set up)
 FLOOR_VARIANTS = ("post", "redis", "select1", "consume-sql", "redis+consume-sql")
-STEPS = ("bare", "consume", "batch", "floor", "history", "estimate")
+METRICS_TOKEN = "bench-scrape"
+STEPS = ("bare", "consume", "c64", "c1", "usage", "batch", "floor", "history", "estimate")
 
 
 def log(msg: str) -> None:
@@ -91,14 +92,15 @@ def free_port() -> int:
 class Server:
     """gunicorn with the project's config file, on a free loopback port."""
 
-    def __init__(self, *, workers: int, worker_class: str, threads: int) -> None:
+    def __init__(self, *, workers: int, worker_class: str, threads: int, name: str = "bench-gunicorn") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = ROOT / "artifacts" / "bench-gunicorn.log"
+        self.label = f"{workers}x{worker_class}" + (f"/{threads} threads" if worker_class == "gthread" else "")
+        self.log_path = ROOT / "artifacts" / f"{name}.log"
         self.log_path.parent.mkdir(exist_ok=True)
         env = bench_env({"GUNICORN_BIND": f"127.0.0.1:{self.port}", "GUNICORN_WORKERS": str(workers),
                          "GUNICORN_WORKER_CLASS": worker_class, "GUNICORN_THREADS": str(threads),
-                         "GUNICORN_LOG_LEVEL": "warning"})
+                         "GUNICORN_LOG_LEVEL": "warning", "METRICS_TOKEN": METRICS_TOKEN})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "-c", "consensus_tokens/gunicorn.conf.py", "consensus_tokens.wsgi"],
             cwd=ROOT, env=env, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -116,6 +118,18 @@ class Server:
                 time.sleep(0.3)
         raise SystemExit("gunicorn did not answer in time")
 
+    def combining(self) -> tuple[float, float]:
+        """(groups written, consumes written in them) since the start: group commit's counters."""
+        request = urllib.request.Request(f"{self.url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            text = r.read().decode()
+        found = dict.fromkeys(("ct_consume_groups_total", "ct_consume_grouped_total"), 0.0)
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in found:
+                found[name] = float(value)
+        return found["ct_consume_groups_total"], found["ct_consume_grouped_total"]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -132,6 +146,7 @@ class Run:
     rps: list[float] = field(default_factory=list)
     p50: list[float] = field(default_factory=list)
     p99: list[float] = field(default_factory=list)
+    max_ms: list[float] = field(default_factory=list)
     errors: int = 0
     ops_per_request: int = 1
 
@@ -139,6 +154,7 @@ class Run:
         self.rps.append(r["rps"])
         self.p50.append(r["p50_ms"])
         self.p99.append(r["p99_ms"])
+        self.max_ms.append(r["max_ms"])
         self.errors += r["errors"]
 
     @property
@@ -163,7 +179,8 @@ def wrk(url: str, script: str, *, connections: int, duration: float, threads: in
     return json.loads(match.group(1))
 
 
-def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) -> dict[str, Run]:
+def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace,
+                reference: Server | None = None) -> dict[str, Run]:
     first, last = seed["USERS"].split("-")
     base = {"BENCH_KEY": seed["BENCH_KEY"], "BENCH_USER_FIRST": first, "BENCH_USER_LAST": last}
     runs: dict[str, Run] = {}
@@ -171,10 +188,10 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
     c = args.connections
 
     def measure(name: str, script: str, *, path: str = "/", conns: int = c, duration: float = d,
-                ops: int = 1, **extra: str) -> None:
+                ops: int = 1, on: Server = server, **extra: str) -> None:
         env = {**base, "BENCH_RUN": f"{int(time.time() * 1000)}{name}", **extra}
         vacuum()
-        result = wrk(server.url + path, script, connections=conns, duration=duration, env=env)
+        result = wrk(on.url + path, script, connections=conns, duration=duration, env=env)
         run = runs.setdefault(name, Run(name, ops_per_request=ops))
         run.add(result)
         log(f"{name}: {result['rps'] * ops:,.0f} {'ops' if ops > 1 else 'req'}/s p50 {result['p50_ms']:.2f} ms "
@@ -185,20 +202,33 @@ def http_rounds(server: Server, seed: dict[str, str], args: argparse.Namespace) 
     # that has been up a while has them. A request reaches a random worker, so a user
     # needs ~13 requests before all 5 workers have seen it with 95% odds: 20 s of consumes
     # (~13,000 at this machine's rate) for the 1,000 load users; 2 s left most workers cold.
-    warm_consume = 20.0 if args.only & {"consume", "batch", "floor"} else 2.0
-    for script, path, seconds in (("bare.lua", "/bench/bare", 2), ("consume.lua", "/", warm_consume),
-                                  ("usage.lua", "/", 2)):
-        wrk(server.url + path, script, connections=c, duration=seconds,
-            env={**base, "BENCH_RUN": f"warm{time.time()}"})
+    warm_consume = 20.0 if args.only & {"consume", "c64", "c1", "batch", "floor"} else 2.0
+    servers = [(server, "")] + ([(reference, "ref ")] if reference else [])
+    for on, _ in servers:
+        for script, path, seconds in (("bare.lua", "/bench/bare", 2), ("consume.lua", "/", warm_consume),
+                                      ("usage.lua", "/", 2)):
+            wrk(on.url + path, script, connections=c, duration=seconds,
+                env={**base, "BENCH_RUN": f"warm{time.time()}"})
     for round_ in range(args.rounds):
         log(f"round {round_ + 1}/{args.rounds}")
-        if "bare" in args.only:
-            measure("bare", "bare.lua", path="/bench/bare")
-        if "consume" in args.only:
-            measure("consume", "consume.lua")
-        if "batch" in args.only:
-            measure("batch", "batch.lua", conns=args.batch_connections, ops=args.batch_size,
-                    BENCH_BATCH=str(args.batch_size))
+        # The reference server (today's serving model, --reference) right after the one
+        # measured, step by step: both see the same background load.
+        for on, ref in servers:
+            if "bare" in args.only:
+                measure(f"{ref}bare", "bare.lua", path="/bench/bare", on=on)
+            if "consume" in args.only:
+                measure(f"{ref}consume", "consume.lua", on=on)
+        for conns, step in ((64, "c64"), (1, "c1")):
+            if step in args.only:
+                for on, ref in servers:
+                    measure(f"{ref}bare@{conns}", "bare.lua", path="/bench/bare", conns=conns, on=on)
+                    measure(f"{ref}consume@{conns}", "consume.lua", conns=conns, on=on)
+        for on, ref in servers:
+            if "usage" in args.only:
+                measure(f"{ref}usage", "usage.lua", on=on)
+            if "batch" in args.only:
+                measure(f"{ref}batch", "batch.lua", conns=args.batch_connections, ops=args.batch_size,
+                        BENCH_BATCH=str(args.batch_size), on=on)
         if "floor" in args.only:
             # What the stack allows at best (bench/floor.py), each against this round's bare run.
             for variant in FLOOR_VARIANTS:
@@ -246,13 +276,44 @@ def report(runs: dict[str, Run], est: dict | None, hist: dict | None, args: argp
         rows.append((f"consume, {args.connections} connections",
                      f"{consume.rps[i]:,.0f} req/s = {ratios[i]:.2f}x bare", ">= 0.5x bare",
                      verdict(ratios[i] >= 0.5 and consume.errors == 0)))
-        rows.append(("consume p99", f"{consume.p99[i]:.1f} ms (p50 {consume.p50[i]:.1f})", "< 15 ms",
-                     verdict(consume.p99[i] < 15)))
+        rows.append(("consume p99", f"{consume.p99[i]:.1f} ms = {consume.p99[i] / bare.p99[i]:.2f}x bare's "
+                     f"{bare.p99[i]:.1f} (p50 {consume.p50[i]:.1f})", "<= 2x bare p99",
+                     verdict(consume.p99[i] <= 2 * bare.p99[i])))
         if len(ratios) > 1:
             notes.append("consume/bare by round: " + ", ".join(f"{r:.2f}" for r in ratios))
     elif bare:
         i = bare.best
         rows.append(("bare DRF GET (reference)", f"{bare.rps[i]:,.0f} req/s, p99 {bare.p99[i]:.1f} ms", "-", "-"))
+    rbare, rconsume = runs.get("ref bare"), runs.get("ref consume")
+    if rbare and rconsume:
+        ratios = [x / y for x, y in zip(rconsume.rps, rbare.rps)]
+        i = max(range(len(ratios)), key=ratios.__getitem__)
+        rows.append(("reference: consume, 16 connections",
+                     f"{rconsume.rps[i]:,.0f} req/s = {ratios[i]:.2f}x bare's {rbare.rps[i]:,.0f}; p99 "
+                     f"{rconsume.p99[i]:.1f} ms = {rconsume.p99[i] / rbare.p99[i]:.2f}x bare's", "-", "-"))
+    for ref in ("", "ref "):
+        b64, c64 = runs.get(f"{ref}bare@64"), runs.get(f"{ref}consume@64")
+        if b64 and c64:
+            ratios = [x / y for x, y in zip(c64.rps, b64.rps)]
+            i = max(range(len(ratios)), key=ratios.__getitem__)
+            who = "reference: " if ref else ""
+            rows.append((f"{who}consume, 64 connections", f"{c64.rps[i]:,.0f} req/s = {ratios[i]:.2f}x bare's "
+                         f"{b64.rps[i]:,.0f}", ">= 0.5x bare", verdict(ratios[i] >= 0.5 and c64.errors == 0)))
+            rows.append((f"{who}consume p99 / max, 64 connections",
+                         f"{c64.p99[i]:.1f} ms = {c64.p99[i] / b64.p99[i]:.2f}x bare's {b64.p99[i]:.1f}; "
+                         f"max {max(c64.max_ms):.0f} ms", "<= 2x bare p99; max < 1 s",
+                         verdict(c64.p99[i] <= 2 * b64.p99[i] and max(c64.max_ms) < 1000)))
+    c1, ref1 = runs.get("consume@1"), runs.get("ref consume@1")
+    if c1 and ref1:
+        p50, ref_p50 = min(c1.p50), min(ref1.p50)
+        rows.append(("consume p50, 1 connection", f"{p50:.2f} ms vs {ref_p50:.2f} ms on the reference "
+                     f"({p50 - ref_p50:+.2f} ms)", "<= +0.3 ms", verdict(p50 - ref_p50 <= 0.3)))
+    for name, unit in (("usage", "req/s"), ("batch", "ops/s")):
+        new, old = runs.get(name), runs.get(f"ref {name}")
+        if new and old:
+            a, b = max(new.rps) * new.ops_per_request, max(old.rps) * old.ops_per_request
+            rows.append((f"{name} vs the reference", f"{a:,.0f} vs {b:,.0f} {unit} ({a / b:.2f}x)",
+                         "no slower (>= 0.95x)", verdict(a / b >= 0.95)))
     if "batch" in runs:
         r = runs["batch"]
         i = r.best
@@ -296,6 +357,7 @@ def report(runs: dict[str, Run], est: dict | None, hist: dict | None, args: argp
     lines = [f"Benchmark {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
              f"gunicorn {args.workers}x{args.worker_class}"
              + (f"/{args.threads} threads" if args.worker_class == "gthread" else "")
+             + (f" (reference: {args.reference_label})" if getattr(args, "reference_label", None) else "")
              + f", {args.rounds} round(s) of {args.duration:g} s, best round shown, {time.time() - started:.0f} s total"]
     header = ("measure", "value", "target", "")
     lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -305,6 +367,12 @@ def report(runs: dict[str, Run], est: dict | None, hist: dict | None, args: argp
     if spreads:
         lines.append("spread across runs (req/s): " + "; ".join(spreads))
     lines.extend(notes)
+    groups, grouped = getattr(args, "combining", (0, 0))
+    consumes = sum(sum(r.rps) for name, r in runs.items() if name.startswith("consume")) * args.duration
+    if consumes:
+        lines.append(f"group commit: {grouped:,.0f} consumes went in {groups:,.0f} groups (mean "
+                     f"{grouped / groups if groups else 0:.1f}), of about {consumes:,.0f} measured (warm-up included "
+                     "in the counts)")
     lines.append(f"load average at the end (1/5/15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
                  f"(other processes share these {os.cpu_count()} cores)")
     return "\n".join(lines)
@@ -321,8 +389,12 @@ def main() -> None:
     parser.add_argument("--history-requests", type=int, default=500,
                         help="in-process requests per history size and kind (bench/history.py)")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("GUNICORN_WORKERS", 5)))
+    # the defaults of consensus_tokens/gunicorn.conf.py on 2 cores
     parser.add_argument("--worker-class", default=os.environ.get("GUNICORN_WORKER_CLASS", "sync"))
     parser.add_argument("--threads", type=int, default=int(os.environ.get("GUNICORN_THREADS", 1)))
+    parser.add_argument("--reference", metavar="CLASS:WORKERS[xTHREADS]",
+                        help="also measure a second server, e.g. sync:5 (the serving model before group commit), "
+                             "step by step after the first, and compare")
     parser.add_argument("--only", default=",".join(STEPS), help=f"comma-separated subset of {', '.join(STEPS)}")
     parser.add_argument("--json", type=Path, help="also write the raw figures here")
     args = parser.parse_args()
@@ -334,11 +406,23 @@ def main() -> None:
     runs: dict[str, Run] = {}
     if args.only - {"estimate"}:
         server = Server(workers=args.workers, worker_class=args.worker_class, threads=args.threads)
+        reference = None
+        if args.reference:
+            klass, _, size = args.reference.partition(":")
+            workers, _, threads = size.partition("x")
+            reference = Server(workers=int(workers), worker_class=klass, threads=int(threads or 1),
+                               name="bench-gunicorn-reference")
         try:
             server.wait_ready()
-            runs = http_rounds(server, seed, args)
+            if reference:
+                reference.wait_ready()
+            runs = http_rounds(server, seed, args, reference)
+            args.combining = server.combining()
         finally:
             server.stop()
+            if reference:
+                reference.stop()
+        args.reference_label = reference.label if reference else None
     hist = history_inprocess(args) if "history" in args.only else None
     est = estimate_timing(args) if "estimate" in args.only else None
     table = report(runs, est, hist, args, started)

@@ -2,8 +2,13 @@
 
 Every value can be overridden from the environment (GUNICORN_*), or on the
 command line. The defaults are what bench/ measured best on a 2-core machine:
-the API's requests are short and mostly wait on PostgreSQL, so a few more sync
-processes than cores keep both cores busy; threads add little under the GIL.
+the API's requests are short and mostly Python's work, so a few more sync
+processes than cores keep both cores busy. Threaded workers (GUNICORN_WORKER_CLASS=
+gthread, GUNICORN_THREADS) add group commit - the direct consumes that arrive
+together in a process are written in one statement (metering/services/consume/
+combiner.py) - but measured slower here, where Python is about three quarters of
+a consume's CPU (bench/README.md); they pay where PostgreSQL is the larger part.
+Each thread keeps its own database connection: workers x threads of them.
 """
 import gc
 import multiprocessing

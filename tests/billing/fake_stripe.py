@@ -156,6 +156,11 @@ class FakeStripe:
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.send_header("Request-Id", f"req_{secrets.token_hex(8)}")
+                # No keep-alive: a client's pooled connection (the stripe library keeps one
+                # per thread) must not outlive this fake and reach it after stop(), when a
+                # later test's fake may have the same port.
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 self.wfile.write(data)
 

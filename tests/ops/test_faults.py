@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from metering.models import AuditLog, LedgerEntry
-from metering.services import ledger_reconcile, usage_get
+from metering.services import SYSTEM, ConsumeRequest, ledger_reconcile, usage_consume, usage_get
 
 from .conftest import ROOT, Load, clone_test_database, post_until_final, run_gunicorn, run_redis
 
@@ -42,10 +42,10 @@ def production_env(**extra: str) -> dict[str, str]:
 HTTPS = {"X-Forwarded-Proto": "https"}  # what the TLS-terminating load balancer adds
 
 
-def consume_load(server, service_key: str, users: list, *, prefix: str, load: Load,
-                 during=None) -> None:
-    """THREADS clients, each consuming OPS_PER_THREAD operations for one of `users`,
-    while `during()` runs in the test's thread."""
+def consume_load(server, service_key: str, users: list, *, prefix: str, load: Load, during=None,
+                 clients: int = THREADS, ops_each: int = OPS_PER_THREAD, tokens: int = TOKENS) -> None:
+    """`clients` clients, each consuming `ops_each` operations of `tokens` for one of
+    `users`, while `during()` runs in the test's thread (once three rounds are answered)."""
     headers = {"Authorization": f"Api-Key {service_key}", **HTTPS}
     deadline = time.monotonic() + DEADLINE_SECONDS
     progress = Counter()
@@ -53,30 +53,30 @@ def consume_load(server, service_key: str, users: list, *, prefix: str, load: Lo
     def client(i: int) -> None:
         user = users[i % len(users)]
         with requests.Session() as session:
-            for n in range(OPS_PER_THREAD):
+            for n in range(ops_each):
                 op = f"{prefix}-{i}-{n}"
                 try:
                     load.results[op] = post_until_final(
                         session, server.url + "/api/tokens/consume",
-                        {"userId": user.pk, "operationId": op, "tokens": TOKENS, "operationType": "summary"},
+                        {"userId": user.pk, "operationId": op, "tokens": tokens, "operationType": "summary"},
                         headers, load, deadline)
                 except BaseException as error:  # noqa: BLE001 - reported below
                     load.errors.append(error)
                     return
                 progress[i] += 1
 
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(THREADS)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     if during is not None:
-        while sum(progress.values()) < THREADS * 3:  # let the load get going
+        while sum(progress.values()) < clients * 3:  # let the load get going
             time.sleep(0.02)
         during()
     for t in threads:
         t.join(timeout=DEADLINE_SECONDS + 10)
     assert not any(t.is_alive() for t in threads), "a client hung"
     assert not load.errors, load.errors[:3]
-    assert len(load.results) == THREADS * OPS_PER_THREAD
+    assert len(load.results) == clients * ops_each
 
 
 def assert_each_operation_recorded_once(load: Load, users: list, *, prefix: str) -> None:
@@ -116,6 +116,41 @@ def test_a_worker_killed_mid_request_leaves_no_partial_write(make_user, service_
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     requests_logged = [line for line in lines if line["logger"] == "consensus_tokens.request"]
     assert requests_logged and all(line["request_id"] and line["path"] for line in requests_logged)
+
+
+def test_64_clients_racing_one_user_to_the_cap_through_group_commit_survive_a_killed_worker(make_user, service_key):
+    """Threaded workers combine the consumes arriving together (group commit); a worker
+    SIGKILLed mid-load takes its group in flight with it. Once the clients have retried,
+    every operation answered 201 or 200 is in the ledger once, every 402 is not, and the
+    counter equals the ledger, within the cap."""
+    user = make_user("enterprise")  # limit 200,000, cap 600,000; 1,000 requests an hour
+    usage_consume(request=ConsumeRequest(user_id=user.pk, operation_id="setup", tokens=596_500,
+                                         operation_type="summary"), ctx=SYSTEM)
+    clients, ops_each, tokens = 64, 12, 7  # 768 operations (and retries) for room of 500
+    load = Load()
+    with run_gunicorn(workers=2, threads=16, env=production_env(METRICS_TOKEN="race-scrape")) as server:
+        def kill_a_worker() -> None:
+            os.kill(server.worker_pids()[0], signal.SIGKILL)
+
+        consume_load(server, service_key, [user], prefix="race", load=load, during=kill_a_worker,
+                     clients=clients, ops_each=ops_each, tokens=tokens)
+        metrics = requests.get(server.url + "/metrics", headers={"Authorization": "Bearer race-scrape"}).text
+
+    assert load.transient, "the kill dropped requests in flight (clients retried them)"
+    statuses = Counter(status for status, _ in load.results.values())
+    assert set(statuses) <= {200, 201, 402} and statuses[201] and statuses[402], statuses
+    allowed = {op for op, (status, _) in load.results.items() if status in (200, 201)}
+    assert all(body["error"]["code"] == "token_cap_exceeded" for status, body in load.results.values()
+               if status == 402)
+    recorded = list(LedgerEntry.objects.filter(kind="consumption", operation_id__startswith="race-")
+                    .values_list("operation_id", flat=True))
+    assert sorted(recorded) == sorted(allowed), "an operation was lost or recorded twice"
+    usage = usage_get(user_id=user.pk)
+    assert usage.used == 596_500 + tokens * len(allowed) <= usage.cap
+    assert usage.cap - usage.used < tokens  # the race filled the room
+    assert ledger_reconcile() == []
+    groups = [line for line in metrics.splitlines() if line.startswith("ct_consume_groups_total")]
+    assert groups and float(groups[0].split()[-1]) > 0, "the consumes were combined"
 
 
 def test_metering_carries_on_when_redis_stops(make_user, service_key):
