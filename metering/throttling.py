@@ -72,13 +72,11 @@ class _TierLimits:
         state = self.state
         if version == state.version:
             return state
-        fresh = self._State(version)
-        # Versions only go up (Redis INCR): a request that counted under an older one than
-        # the installed state uses what it reads and keeps none of it. None (no shared
-        # version: Redis is away) replaces and is replaced.
-        if version is None or state.version is None or version > state.version:
-            self.state = fresh
-        return fresh
+        # Any other version replaces the state, a lower one too: Redis may have restarted
+        # and counts versions from 1 again. Rows a thread read under one version only ever
+        # serve requests that counted under that version.
+        state = self.state = self._State(version)
+        return state
 
     @staticmethod
     def _default_limit(state: "_TierLimits._State", now: float) -> int:

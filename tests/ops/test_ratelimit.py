@@ -532,3 +532,18 @@ def test_another_worker_follows_a_tier_change_once_it_is_committed(make_user, se
             assert limit() == "2"  # not committed: the old row is all anyone else can read
         assert limit() == "10"
 
+
+
+def test_tier_limits_are_cached_again_after_the_limits_version_starts_over(make_user, django_assert_num_queries):
+    """Redis restarted without its data counts the limits version from 1 again: the
+    workers' caches must follow it down, not stop caching."""
+    from metering.throttling import _TierLimits
+
+    user = make_user("pro")
+    limits = _TierLimits()
+    assert limits.get([user.pk], 41)[user.pk][:2] == (500, True)
+    Tier.objects.filter(slug="pro").update(requests_per_hour=5)  # changed while Redis was away
+    with django_assert_num_queries(1):
+        assert limits.get([user.pk], 1)[user.pk][:2] == (5, True)
+    with django_assert_num_queries(0):
+        assert limits.get([user.pk], 1)[user.pk][:2] == (5, True)
