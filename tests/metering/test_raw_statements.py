@@ -33,14 +33,15 @@ def _model(table: str):
 def test_the_fast_paths_insert_ledger_and_audit_rows():
     tables = {(where, table) for where, table, _ in _inserts()}
     assert tables == {("consume_single.sql", "metering_ledgerentry"), ("consume_single.sql", "metering_auditlog"),
+                      ("consume_group.sql", "metering_ledgerentry"), ("consume_group.sql", "metering_auditlog"),
                       ("batch_write.sql", "metering_ledgerentry"), ("batch_audit.sql", "metering_auditlog")}
 
 
 def test_the_statements_run_are_the_files_read():
     """postgres.py runs what these files say (comments aside), so the checks below hold what runs."""
     for where, table, columns in _inserts():
-        statement = {"consume_single.sql": postgres.CONSUME_SINGLE, "batch_write.sql": postgres.BATCH_WRITE,
-                     "batch_audit.sql": postgres.BATCH_AUDIT}[where]
+        statement = {"consume_single.sql": postgres.CONSUME_SINGLE, "consume_group.sql": postgres.CONSUME_GROUP,
+                     "batch_write.sql": postgres.BATCH_WRITE, "batch_audit.sql": postgres.BATCH_AUDIT}[where]
         assert f"INSERT INTO {table} ({', '.join(columns)})" in re.sub(r"\s+", " ", statement), where
 
 
